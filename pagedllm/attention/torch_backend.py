@@ -1,0 +1,120 @@
+"""Plain-PyTorch paged attention: the exact reference every kernel is tested against.
+
+``paged_attention_ref`` is the slow, obviously-correct twin (one request at a time).
+``TorchAttentionBackend`` computes the same thing faster on the CPU: the step's decodes
+(one query token each) go through one batched SDPA over padded, gathered K/V; prompt chunks go
+one request at a time with an explicit causal mask offset by the cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores k, v [num_tokens, num_kv_heads, head_dim] at their slots; slot -1 is skipped."""
+    two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(two, num_blocks * block_size, kv_heads, head_dim)
+    keep = slot_mapping >= 0
+    slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+
+
+def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions 0..seq_len-1 of one request. [seq_len] int64"""
+    pos = torch.arange(seq_len, device=block_table.device)
+    return block_table[pos // block_size].long() * block_size + pos % block_size
+
+
+def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    # Query row j sits at position seq_len - query_len + j. [query_len, seq_len] bool
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    return torch.arange(seq_len, device=device)[None, :] <= q_pos
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+          scale: float) -> torch.Tensor:
+    """q: [B, q_len, H, D]; k, v: [B, kv_len, Hkv, D]; mask: [B, 1, q_len, kv_len] -> [B, q_len, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                        scale: float) -> torch.Tensor:
+    """Attention of the step's queries over the paged cache, one request at a time.
+
+    q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] (float32 math).
+    Assumes the step's K/V are already written.
+    """
+    block_size = kv_cache.shape[2]
+    flat = kv_cache.flatten(1, 2)  # [2, num_slots, Hkv, D]
+    out = torch.empty_like(q)
+    starts = metadata.query_start_loc.tolist()
+    for r, seq_len in enumerate(metadata.seq_lens_cpu):
+        start, end = starts[r], starts[r + 1]
+        slots = context_slots(metadata.block_tables[r], seq_len, block_size)
+        k, v = flat[0, slots].float(), flat[1, slots].float()
+        mask = _causal_mask(end - start, seq_len, q.device)
+        o = _sdpa(q[None, start:end].float(), k[None], v[None], mask[None, None], scale)
+        out[start:end] = o[0].to(q.dtype)
+    return out
+
+
+@dataclass
+class _TorchStepData:
+    decode_rows: torch.Tensor  # [num_decodes] query rows of single-token requests
+    decode_slots: torch.Tensor  # [num_decodes, max_decode_len] gathered slots (pad -> 0)
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_decode_len] bool
+    chunks: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, end, slots, mask)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
+        device = metadata.block_tables.device
+        starts = metadata.query_start_loc.tolist()
+        decodes: list[tuple[int, torch.Tensor]] = []
+        chunks = []
+        for r, seq_len in enumerate(metadata.seq_lens_cpu):
+            start, end = starts[r], starts[r + 1]
+            slots = context_slots(metadata.block_tables[r], seq_len, block_size)
+            if end - start == 1:
+                decodes.append((start, slots))
+            else:
+                chunks.append((start, end, slots, _causal_mask(end - start, seq_len, device)))
+        longest = max((len(s) for _, s in decodes), default=0)
+        decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long, device=device)
+        decode_mask = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.bool, device=device)
+        for i, (_, slots) in enumerate(decodes):
+            decode_slots[i, :len(slots)] = slots
+            decode_mask[i, ..., :len(slots)] = True
+        rows = torch.tensor([row for row, _ in decodes], dtype=torch.long, device=device)
+        metadata.backend_data = _TorchStepData(rows, decode_slots, decode_mask, chunks)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        data: _TorchStepData = metadata.backend_data
+        flat = kv_cache.flatten(1, 2)  # [2, num_slots, Hkv, D]
+        out = torch.empty_like(q)
+        if len(data.decode_rows):
+            kd = flat[0][data.decode_slots]  # [num_decodes, max_len, Hkv, D]
+            vd = flat[1][data.decode_slots]
+            qd = q[data.decode_rows][:, None]  # [num_decodes, 1, H, D]
+            out[data.decode_rows] = _sdpa(qd, kd, vd, data.decode_mask, scale)[:, 0]
+        for start, end, slots, mask in data.chunks:
+            o = _sdpa(q[None, start:end], flat[0, slots][None], flat[1, slots][None],
+                      mask[None, None], scale)
+            out[start:end] = o[0]
+        return out

@@ -1,0 +1,97 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops (vLLM's fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Validated at construction: a bad value raises ``ValueError`` naming the field."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # Filled by the engine from the tokenizer (EOS) and the model's generation config.
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self._validate()
+
+    def _validate(self) -> None:
+        checks: list[tuple[bool, str, str]] = [
+            (self.n >= 1, "n", f"n must be at least 1, got {self.n}."),
+            (self.temperature >= 0.0, "temperature",
+             f"temperature must be non-negative, got {self.temperature}."),
+            (0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}."),
+            (self.top_k >= 0, "top_k",
+             f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}."),
+            (0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}."),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}."),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."),
+            (self.repetition_penalty > 0.0, "repetition_penalty",
+             f"repetition_penalty must be greater than zero, got {self.repetition_penalty}."),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+             f"max_tokens must be at least 1, got {self.max_tokens}."),
+            (self.min_tokens >= 0, "min_tokens",
+             f"min_tokens must be greater than or equal to 0, got {self.min_tokens}."),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+             f"got {self.min_tokens}."),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs",
+             f"logprobs must be non-negative, got {self.logprobs}."),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
+             f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}."),
+            (all(s for s in self.stop), "stop", "stop strings must not be empty."),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids", "stop_token_ids must be non-negative integers."),
+            (self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer."),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def check_limits(self, vocab_size: int, max_logprobs: int) -> None:
+        """Checks the fields whose bounds depend on the engine (model vocabulary, config)."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > max_logprobs:
+                raise ValueError(f"Requested {name} of {value}, which is greater than max "
+                                 f"allowed: {max_logprobs}.")
+        for token_id in (self.logit_bias or {}):
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"logit_bias has token_id {token_id} out of vocabulary "
+                                 f"range [0, {vocab_size}).")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
