@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = 0  # every output carries all text and tokens so far (offline API)
+    DELTA = 1  # every output carries only what is new since the last one (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -31,6 +38,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the tokenizer (EOS) and the model's generation config.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -46,37 +54,37 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        checks: list[tuple[bool, str, str]] = [
-            (self.n >= 1, "n", f"n must be at least 1, got {self.n}."),
-            (self.temperature >= 0.0, "temperature",
+        checks: list[tuple[bool, str]] = [
+            (self.n >= 1, f"n must be at least 1, got {self.n}."),
+            (self.temperature >= 0.0,
              f"temperature must be non-negative, got {self.temperature}."),
-            (0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}."),
-            (self.top_k >= 0, "top_k",
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}."),
+            (self.top_k >= 0,
              f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}."),
-            (0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}."),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}."),
+            (-2.0 <= self.presence_penalty <= 2.0,
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}."),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+            (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."),
-            (self.repetition_penalty > 0.0, "repetition_penalty",
+            (self.repetition_penalty > 0.0,
              f"repetition_penalty must be greater than zero, got {self.repetition_penalty}."),
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
+            (self.max_tokens is None or self.max_tokens >= 1,
              f"max_tokens must be at least 1, got {self.max_tokens}."),
-            (self.min_tokens >= 0, "min_tokens",
+            (self.min_tokens >= 0,
              f"min_tokens must be greater than or equal to 0, got {self.min_tokens}."),
-            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
              f"got {self.min_tokens}."),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs",
+            (self.logprobs is None or self.logprobs >= 0,
              f"logprobs must be non-negative, got {self.logprobs}."),
-            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs",
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
              f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}."),
-            (all(s for s in self.stop), "stop", "stop strings must not be empty."),
+            (all(s for s in self.stop), "stop strings must not be empty."),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             "stop_token_ids", "stop_token_ids must be non-negative integers."),
-            (self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer."),
+             "stop_token_ids must be non-negative integers."),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an integer."),
         ]
-        for ok, name, message in checks:
+        for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 

@@ -41,7 +41,10 @@ def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Te
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
           scale: float) -> torch.Tensor:
-    """q: [B, q_len, H, D]; k, v: [B, kv_len, Hkv, D]; mask: [B, 1, q_len, kv_len] -> [B, q_len, H, D]."""
+    """q: [B, q_len, H, D]; k, v: [B, kv_len, Hkv, D]; mask: [B, 1, q_len, kv_len].
+
+    Returns [B, q_len, H, D].
+    """
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[2] != k.shape[2])
