@@ -1,0 +1,198 @@
+"""Scheduler: decides, each step, which requests get how many tokens (vLLM V1 style).
+
+There are no prefill and decode phases: every request owes ``num_tokens - num_computed_tokens``
+tokens, and each step pays some of them within two limits, ``max_num_seqs`` requests and
+``max_num_batched_tokens`` tokens. Running requests go first (decodes and unfinished prompt
+chunks), then waiting ones in arrival order. When the KV cache runs out, the most recently
+admitted running request is preempted by recompute: its blocks are freed and it goes back to the
+front of the waiting queue with nothing computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step, starting at num_computed_tokens
+    block_ids: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the request's last token (so a token is sampled)."""
+        req = self.request
+        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's decision: which requests, how many tokens each, in which blocks."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    num_new_prompts: int = 0
+    num_prompt_chunks: int = 0
+    num_decodes: int = 0
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        if request.num_prompt_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"The prompt (length {request.num_prompt_tokens}) is longer than the maximum "
+                f"model length of {self.config.max_model_len}.")
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        if logger.isEnabledFor(logging.DEBUG) and out.scheduled:
+            logger.debug(
+                "step: %d seqs, %d tokens (%d new prompts, %d prompt chunks, %d decodes), "
+                "%d running, %d waiting%s", len(out.scheduled), out.total_num_tokens,
+                out.num_new_prompts, out.num_prompt_chunks, out.num_decodes, len(self.running),
+                len(self.waiting),
+                f", preempted {out.preempted}" if out.preempted else "")
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv_cache.allocate(req, n):
+                victim = self.running.pop()  # lowest priority: the latest admitted
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                self._add(out, req, n, new=False)
+                budget -= n
+                i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not req.ready:
+                skipped.append(self.waiting.popleft())
+                continue
+            cached = self.kv_cache.find_cached_prefix(req)
+            num_cached = len(cached) * self.kv_cache.block_size
+            n = req.num_tokens - num_cached
+            if n > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                n = budget
+            if not self.kv_cache.allocate(req, n, cached):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add(out, req, n, new=True)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _add(self, out: SchedulerOutput, req: Request, n: int, new: bool) -> None:
+        scheduled = ScheduledRequest(req, n, self.kv_cache.block_ids(req.request_id))
+        out.scheduled.append(scheduled)
+        if new:
+            out.num_new_prompts += 1
+        elif req.num_computed_tokens < req.num_prompt_tokens:
+            out.num_prompt_chunks += 1
+        else:
+            out.num_decodes += 1
+
+    def _preempt(self, req: Request) -> None:
+        self.kv_cache.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s (recompute)", req.request_id)
+
+    def update_from_output(self, out: SchedulerOutput,
+                           sampled: dict[str, int]) -> list[Request]:
+        """Advances computed tokens, appends sampled tokens, applies token-level stop rules.
+
+        Returns the requests that got a new token this step (finished ones included).
+        """
+        progressed = []
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.finish(req, status)
+            progressed.append(req)
+        return progressed
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        params = req.sampling_params
+        if req.num_tokens >= self.config.max_model_len or (
+                params.max_tokens is not None and req.num_output_tokens >= params.max_tokens):
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_output_tokens < params.min_tokens:
+            return None
+        if token in params.stop_token_ids or (
+                not params.ignore_eos and token in params.all_stop_token_ids):
+            req.stop_reason = token if token in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
+        return None
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Ends a request (stopped, length or aborted) and frees its blocks at once."""
+        if req.is_finished:
+            return
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv_cache.free(req)
+
+    def finish_all(self, requests: Iterable[Request], status: RequestStatus) -> None:
+        for req in requests:
+            self.finish(req, status)

@@ -1,0 +1,141 @@
+"""The Llama-family decoder: Llama (SmolLM2), Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
+
+One implementation, switched by ``ModelArch`` flags, since the three differ only there.
+Checkpoint names are Hugging Face's; q/k/v and gate/up load into merged matrices (one matmul each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.layers.attention import Attention
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.models.arch import ModelArch
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.qkv_proj = ColumnParallelLinear(
+            arch.hidden_size, [arch.q_size, arch.kv_size, arch.kv_size], bias=arch.qkv_bias)
+        self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        self.attn = Attention(layer_idx, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                              arch.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                rotary: RotaryEmbedding) -> torch.Tensor:
+        a = self.arch
+        q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)  # [T, H, D]
+        k = k.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.inter = arch.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [self.inter, self.inter])
+        self.down_proj = RowParallelLinear(self.inter, arch.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = DecoderAttention(arch, layer_idx)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = DecoderMLP(arch)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                rotary: RotaryEmbedding) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), rotary)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
+                                      arch.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.layers:
+            x = layer(positions, x, self.rotary)
+        return self.norm(x)
+
+
+# HF checkpoint name piece -> (our merged parameter piece, shard index)
+_MERGED = {
+    ".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1), ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+class DecoderForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = DecoderModel(arch)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] in float32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            if "rotary_emb.inv_freq" in name:
+                continue
+            shard = 0
+            for piece, (merged, shard_id) in _MERGED.items():
+                if piece in name:
+                    name, shard = name.replace(piece, merged), shard_id
+                    break
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in "
+                                 f"{type(self).__name__}")
+            param = params[name]
+            loader = getattr(param, "weight_loader", None)
+            with torch.no_grad():
+                if loader is None:
+                    param.data.copy_(tensor)
+                else:
+                    loader(param, tensor, shard)
+            loaded.add(name)
+        missing = {n for n in params if n not in loaded} - (
+            {"lm_head.weight"} if self.arch.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"checkpoint is missing parameters: {sorted(missing)[:8]}")
