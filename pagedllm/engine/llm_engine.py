@@ -1,0 +1,182 @@
+"""LLMEngine: requests in, RequestOutputs out, one ``step()`` at a time.
+
+``step()`` = schedule -> run the model -> update requests (token-level stop rules) -> detokenize,
+apply stop strings -> outputs. The offline ``LLM`` and the server's ``AsyncLLM`` both drive it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.tokenizer import Tokenizer
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running_reqs: int
+    num_waiting_reqs: int
+    kv_cache_usage: float  # fraction of blocks held by requests
+    num_preemptions: int  # cumulative
+    prompt_tokens: int  # cumulative prompt tokens computed (prefix-cache hits excluded)
+    generation_tokens: int  # cumulative sampled tokens
+    prefix_cache_queries: int  # cumulative, in tokens
+    prefix_cache_hits: int
+    num_free_blocks: int
+    num_total_blocks: int
+    step_num_reqs: int  # of the last step
+    step_num_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, runner: ModelRunner,
+                 num_blocks: int, model_name: str, vocab_size: int) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size,
+                                       config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.output_processor = OutputProcessor(tokenizer)
+        self._children: dict[str, list[Request]] = {}  # user request id -> its samples
+        self._parent: dict[str, tuple[str, int]] = {}  # sample id -> (user request id, index)
+        self._eos_ids = set(runner.arch.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self._eos_ids.add(tokenizer.eos_token_id)
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._last_step = (0, 0)
+
+    @classmethod
+    def from_engine_args(cls, **kwargs: Any) -> LLMEngine:
+        """Builds the engine from flat arguments (``pagedllm.config`` field names)."""
+        from pagedllm.engine.builder import build_engine
+
+        return build_engine(cls, kwargs)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Validates and queues a request; raises ValueError with a clear message if bad."""
+        if request_id in self._children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
+        self._validate(token_ids, params)
+        params = copy.copy(params)
+        params.all_stop_token_ids = set(self._eos_ids)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        children = self._make_samples(request_id, token_ids, params, arrival)
+        for child in children:
+            self.scheduler.add_request(child)
+        self._children[request_id] = children
+        self.output_processor.add(request_id, text, children, params, arrival)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("The prompt cannot be empty.")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (size {self.vocab_size}).")
+        params.check_limits(self.vocab_size, self.config.model.max_logprobs)
+
+    def _make_samples(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                      arrival: float) -> list[Request]:
+        if params.n == 1:
+            self._parent[request_id] = (request_id, 0)
+            return [Request(request_id, token_ids, params, arrival)]
+        children: list[Request] = []
+        for i in range(params.n):
+            child_params = copy.copy(params)
+            child_params.n = 1
+            if params.seed is not None:
+                child_params.seed = params.seed + i
+            child_id = f"{request_id}-{i}"
+            first = children[0] if children else None
+            children.append(Request(child_id, token_ids, child_params, arrival, wait_for=first))
+            self._parent[child_id] = (request_id, i)
+        return children
+
+    def abort_request(self, request_ids: Iterable[str]) -> None:
+        """Ends the requests now and frees their KV blocks; no more output is produced."""
+        for request_id in request_ids:
+            for child in self._children.pop(request_id, []):
+                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+                self._forget(child)
+            self.output_processor.abort(request_id)
+
+    def _forget(self, req: Request) -> None:
+        self._parent.pop(req.request_id, None)
+        self.runner.free_request(req.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._children)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._last_step = (len(sched.scheduled), sched.total_num_tokens)
+        if sched.is_empty:
+            return []
+        now = time.monotonic()
+        for s in sched.scheduled:
+            parent_id, _ = self._parent[s.request.request_id]
+            self.output_processor.on_scheduled(parent_id, s.request, now)
+            prompt_left = s.request.num_prompt_tokens - s.request.num_computed_tokens
+            self._prompt_tokens += max(0, min(prompt_left, s.num_new_tokens))
+        result = self.runner.execute(sched)
+        progressed = self.scheduler.update_from_output(sched, result.sampled)
+        now = time.monotonic()
+        for req_id, entries in result.prompt_logprobs.items():
+            self.output_processor.add_prompt_logprobs(self._parent[req_id][0], entries)
+        self._generation_tokens += len(progressed)
+        for req in progressed:
+            self._process_token(req, result.logprobs.get(req.request_id), now)
+        return self._collect_outputs(now)
+
+    def _process_token(self, req: Request, logprobs: Any, now: float) -> None:
+        parent_id, index = self._parent[req.request_id]
+        stop = self.output_processor.on_token(parent_id, index, logprobs, now)
+        if stop is not None and not req.is_finished:
+            req.stop_reason = stop
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        if req.is_finished:
+            self.output_processor.finish_sample(parent_id, index, req.status.finish_reason,
+                                                req.stop_reason)
+
+    def _collect_outputs(self, now: float) -> list[RequestOutput]:
+        outputs = self.output_processor.make_outputs(now)
+        for out in outputs:
+            if out.finished:
+                for child in self._children.pop(out.request_id, []):
+                    self._forget(child)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running_reqs=len(self.scheduler.running),
+            num_waiting_reqs=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage, num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self._prompt_tokens, generation_tokens=self._generation_tokens,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.pool.num_blocks,
+            step_num_reqs=self._last_step[0], step_num_tokens=self._last_step[1])

@@ -1,0 +1,175 @@
+"""OutputProcessor: sampled tokens -> RequestOutputs (text, stop strings, logprobs, timing).
+
+Each user request has one ``RequestState``; with ``n > 1`` its samples are separate scheduler
+requests (``<id>-<i>``) whose outputs are gathered here into one RequestOutput.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pagedllm.core.request import Request
+from pagedllm.engine.detokenizer import IncrementalDetokenizer
+from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.tokenizer import Tokenizer
+from pagedllm.worker.model_runner import LogprobsEntry
+
+
+@dataclass
+class SampleState:
+    """One sample (one scheduler request) of a user request."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+    sent_tokens: int = 0  # tokens already returned (DELTA mode)
+    sent_logprobs: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    reported_final: bool = False
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[SampleState]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    sent_prompt_logprobs: bool = False
+    num_cached_tokens: int = 0
+    pending: set[int] = field(default_factory=set)  # samples with news to report
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add(self, request_id: str, prompt: str | None, children: list[Request],
+            params: SamplingParams, arrival_time: float) -> None:
+        samples = [SampleState(
+            i, child,
+            IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, child.sampling_params),
+            [] if params.logprobs is not None else None,
+            0.0 if params.logprobs is not None else None) for i, child in enumerate(children)]
+        self.states[request_id] = RequestState(
+            request_id, prompt, children[0].prompt_token_ids, params, samples,
+            RequestMetrics(arrival_time),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+
+    def add_prompt_logprobs(self, request_id: str, entries: list[LogprobsEntry]) -> None:
+        state = self.states[request_id]
+        expected = len(state.prompt_token_ids)
+        assert state.prompt_logprobs is not None
+        for entry in entries:  # a recomputed (preempted) prompt does not add them twice
+            if len(state.prompt_logprobs) < expected:
+                state.prompt_logprobs.append(self._logprob_dict(entry))
+
+    def on_token(self, request_id: str, index: int, logprobs: LogprobsEntry | None,
+                 now: float) -> str | None:
+        """Processes a sample's newest token; returns the stop string it completed, if any."""
+        state = self.states[request_id]
+        sample = state.samples[index]
+        req = sample.request
+        token = req.output_token_ids[-1]
+        stop_checking = req.num_output_tokens >= req.sampling_params.min_tokens
+        stop = sample.detokenizer.update([token], stop_checking)
+        if logprobs is not None and sample.logprobs is not None:
+            sample.logprobs.append(self._logprob_dict(logprobs))
+            sample.cumulative_logprob += logprobs[1][0]
+        m = state.metrics
+        if m.first_token_time is None:
+            m.first_token_time = now
+        m.last_token_time = now
+        state.pending.add(index)
+        return stop
+
+    def on_scheduled(self, request_id: str, req: Request, now: float) -> None:
+        state = self.states[request_id]
+        if state.metrics.first_scheduled_time is None:
+            state.metrics.first_scheduled_time = now
+            state.num_cached_tokens = max(req.num_cached_tokens, 0)
+
+    def finish_sample(self, request_id: str, index: int, reason: str,
+                      stop_reason: int | str | None) -> None:
+        sample = self.states[request_id].samples[index]
+        if sample.finish_reason is None:
+            sample.finish_reason, sample.stop_reason = reason, stop_reason
+            self.states[request_id].pending.add(index)
+
+    def make_outputs(self, now: float) -> list[RequestOutput]:
+        """RequestOutputs for the requests with news; finished ones are forgotten."""
+        outputs = []
+        for request_id in [r for r, s in self.states.items() if s.pending]:
+            state = self.states[request_id]
+            output = self._make_output(state, now)
+            state.pending.clear()
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                del self.states[request_id]
+        return outputs
+
+    def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
+        kind = state.params.output_kind
+        finished = state.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        delta = kind == RequestOutputKind.DELTA
+        chosen = sorted(state.pending) if delta else range(len(state.samples))
+        completions = [self._completion(state.samples[i], delta) for i in chosen]
+        if finished:
+            state.metrics.finished_time = now
+        prompt_logprobs = state.prompt_logprobs
+        if delta and state.sent_prompt_logprobs:
+            prompt_logprobs = None
+        state.sent_prompt_logprobs = True
+        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,
+                             completions, finished, prompt_logprobs, state.num_cached_tokens,
+                             state.metrics)
+
+    def _completion(self, sample: SampleState, delta: bool) -> CompletionOutput:
+        tokens = sample.request.output_token_ids
+        done = sample.finish_reason is not None
+        text = sample.detokenizer.get_next_output_text(done, delta)
+        logprobs = sample.logprobs
+        if delta:
+            token_ids = tokens[sample.sent_tokens:]
+            if logprobs is not None:
+                logprobs = logprobs[sample.sent_logprobs:]
+                sample.sent_logprobs += len(logprobs)
+            sample.sent_tokens = len(tokens)
+        else:
+            token_ids = list(tokens)
+        return CompletionOutput(sample.index, text, token_ids, sample.cumulative_logprob,
+                                logprobs, sample.finish_reason, sample.stop_reason)
+
+    def _logprob_dict(self, entry: LogprobsEntry) -> dict[int, Logprob]:
+        ids, lps, rank = entry
+        out = {ids[0]: Logprob(lps[0], rank, self.tokenizer.decode([ids[0]],
+                                                                    skip_special_tokens=False))}
+        for r, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+            if tid not in out:
+                out[tid] = Logprob(lp, r, self.tokenizer.decode([tid], skip_special_tokens=False))
+        return out
+
+    def abort(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self.states
+
+
+def now() -> float:
+    return time.monotonic()
