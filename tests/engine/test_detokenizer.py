@@ -171,6 +171,27 @@ def test_unfinished_character_is_flushed_when_the_request_ends(
     assert final.endswith("\ufffd")
 
 
+def _metaspace_tokenizer() -> Tokenizer:
+    """A sentencepiece-style vocabulary: the decoder drops the space of the first token."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "\u2581Hello": 1, "\u2581world": 2, "!": 3}
+    backend = Backend(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return Tokenizer(backend, bos_token_id=None, eos_token_id=None)
+
+
+def test_leading_space_comes_from_prompt_context() -> None:
+    tok = _metaspace_tokenizer()
+    assert tok.decode([2]) == "world"  # decoded alone, the space is lost
+    detok, deltas, _ = _stream(tok, [2, 3], SamplingParams(), prompt=[1])
+    assert "".join(deltas) == detok.output_text == " world!"
+    detok, deltas, _ = _stream(tok, [1, 2, 3], SamplingParams(), prompt=[])
+    assert "".join(deltas) == tok.decode([1, 2, 3]) == "Hello world!"
+
+
 def test_decode_token(default_tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(default_tokenizer, [], SamplingParams())
     hello = default_tokenizer.encode(" Hello")

@@ -1,0 +1,204 @@
+"""GGUF files: metadata -> HF-style config, tensors -> HF-named float weights.
+
+llama.cpp names tensors ``blk.{i}.attn_q.weight`` and stores them with the dimensions reversed
+(``[in, out]`` in ggml order, which numpy reads back as ``[out, in]``). For llama it also permutes
+the rows of Q and K so that rotary pairs are adjacent; we undo that here so the weights are the
+ones an HF checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedllm.models.loader.gguf_file import GGUFFile, GGUFTensor
+
+logger = logging.getLogger(__name__)
+
+# general.architecture -> (HF architecture class, model_type)
+_ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+# llama.cpp per-layer tensor name -> HF per-layer parameter name (without the ".weight"/".bias")
+_LAYER_NAMES: dict[str, str] = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES: dict[str, str] = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
+
+
+@lru_cache(maxsize=2)
+def gguf_reader(path: str) -> GGUFFile:
+    """One parsed, memory-mapped file per path, shared by the config, weights and tokenizer."""
+    try:
+        return GGUFFile(path)
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise ValueError(f"Cannot read {path} as a GGUF file: {e}") from e
+
+
+def gguf_metadata(path: str, key: str, default: Any = None) -> Any:
+    """The value stored under ``key`` (strings, numbers and arrays as Python values)."""
+    return gguf_reader(path).metadata.get(key, default)
+
+
+def gguf_architecture(path: str) -> str:
+    arch = gguf_metadata(path, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"GGUF file {path} has architecture {arch!r}; pagedllm supports "
+                         f"{sorted(_ARCHITECTURES)}.")
+    return arch
+
+
+def gguf_config(path: str) -> dict[str, Any]:
+    """An HF-style config dict synthesized from the file's metadata."""
+    arch = gguf_architecture(path)
+
+    def meta(suffix: str, default: Any = None) -> Any:
+        return gguf_metadata(path, f"{arch}.{suffix}", default)
+
+    hidden = int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    kv_heads = meta("attention.head_count_kv", heads)
+    head_dim = meta("attention.key_length") or meta("rope.dimension_count") or hidden // heads
+    vocab = meta("vocab_size") or len(gguf_metadata(path, "tokenizer.ggml.tokens", []))
+    names = {t.name for t in gguf_reader(path).tensors}
+    hf_arch, model_type = _ARCHITECTURES[arch]
+    scaling = meta("rope.scaling.type")
+    if (scaling not in (None, "none")) or "rope_freqs.weight" in names:
+        logger.warning("%s uses RoPE scaling (%s), which pagedllm does not apply yet; outputs "
+                       "past the original context length may differ.", path,
+                       scaling or "rope_freqs")
+    config: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta("context_length", 2048)),
+        "vocab_size": int(vocab),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "hidden_act": "silu",
+        "bos_token_id": gguf_metadata(path, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": gguf_metadata(path, "tokenizer.ggml.eos_token_id"),
+    }
+    return config
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF parameter name for a llama.cpp tensor name, or None for tensors we do not use."""
+    m = _LAYER_RE.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        if part not in _LAYER_NAMES:
+            return None
+        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+    m = _GLOBAL_RE.match(gguf_name)
+    if m and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of Q/K rows.
+
+    llama.cpp reorders each head's rows from HF's "half split" layout [x0..x(d/2-1), y0..] to
+    interleaved pairs [x0, y0, x1, y1, ...]. Rows are [n_heads * head_dim] (a bias is 1-D).
+    """
+    rows = weight.shape[0]
+    half = rows // n_heads // 2
+    tail = weight.shape[1:]
+    # [n_heads, half, 2, ...] (interleaved) -> [n_heads, 2, half, ...] (half split)
+    return weight.reshape(n_heads, half, 2, *tail).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _dequantize(tensor: GGUFTensor) -> np.ndarray:
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    # The result's numpy shape is the ggml shape reversed: [out, in] for a linear weight.
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    array = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
+    return np.asarray(array, dtype=np.float32).reshape(shape)
+
+
+def _load_one(tensor: GGUFTensor, arch: str, heads: int, kv_heads: int,
+              ) -> tuple[str | None, np.ndarray | None]:
+    name = hf_name(tensor.name)
+    if name is None:
+        return None, None
+    array = _dequantize(tensor)
+    if arch == "llama" and ".self_attn.q_proj." in name:
+        array = unpermute_rows(array, heads)
+    elif arch == "llama" and ".self_attn.k_proj." in name:
+        array = unpermute_rows(array, kv_heads)
+    if not array.flags.writeable:  # F32 tensors are views into the read-only memory map
+        array = array.copy()
+    return name, np.ascontiguousarray(array)
+
+
+def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32,
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every weight the model uses, dequantized to ``dtype``.
+
+    numpy releases the GIL while dequantizing, so a few tensors are decoded ahead on threads;
+    at most ``workers`` results wait in memory at once.
+    """
+    from tqdm import tqdm
+
+    arch = gguf_architecture(path)
+    heads = int(gguf_metadata(path, f"{arch}.attention.head_count"))
+    kv_heads = int(gguf_metadata(path, f"{arch}.attention.head_count_kv", heads))
+    tensors = gguf_reader(path).tensors
+    workers = min(8, os.cpu_count() or 1)
+    progress = tqdm(total=len(tensors), desc="Loading GGUF weights", unit="tensor",
+                    disable=True if len(tensors) < 64 else None)  # None: on a terminal only
+    with ThreadPoolExecutor(workers) as pool, progress:
+        pending: deque[Future[tuple[str | None, np.ndarray | None]]] = deque()
+        for tensor in tensors:
+            pending.append(pool.submit(_load_one, tensor, arch, heads, kv_heads))
+            if len(pending) >= workers:
+                yield from _finish(pending.popleft(), dtype, progress)
+        while pending:
+            yield from _finish(pending.popleft(), dtype, progress)
+
+
+def _finish(future: Future[tuple[str | None, np.ndarray | None]], dtype: torch.dtype,
+            progress: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    name, array = future.result()
+    progress.update(1)
+    if name is not None and array is not None:
+        yield name, torch.from_numpy(array).to(dtype)
