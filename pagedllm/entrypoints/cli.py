@@ -26,9 +26,18 @@ _BENCH = {
 }
 
 
+def _global_flags() -> argparse.ArgumentParser:
+    """Flags accepted before or after the subcommand."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
 def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_text: str,
          argv: list[str], depth: int) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser = subparsers.add_parser(name, help=help_text, description=help_text,
+                                   parents=[_global_flags()])
     parser.set_defaults(_module=module)
     # Only the chosen subcommand's module is imported (to add its flags).
     if len(argv) > depth and argv[depth] == name:
@@ -36,9 +45,8 @@ def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_te
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__)
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__,
+                                     parents=[_global_flags()])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in _COMMANDS.items():
         _add(sub, name, module, help_text, argv, 0)
@@ -52,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_strip_globals(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level,
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
                         format="%(levelname)s %(asctime)s %(name)s: %(message)s",
                         datefmt="%m-%d %H:%M:%S")
     return int(importlib.import_module(args._module).main(args) or 0)

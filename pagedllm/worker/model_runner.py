@@ -43,8 +43,12 @@ class ModelRunner:
         self.model, self.arch, self.backend = model, arch, backend
         self.block_size, self.dtype, self.device = block_size, dtype, device
         shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device)
+        # Not zeroed (a multi-GiB memset slows start-up): a slot is written before it is read,
+        # except block 0, which pads block tables and gathers, so it must hold finite values.
+        self.kv_caches = [torch.empty(shape, dtype=dtype, device=device)
                           for _ in range(arch.num_layers)]
+        for cache in self.kv_caches:
+            cache[:, 0].zero_()
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
 
