@@ -250,3 +250,14 @@ def _read_json(path: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def placeholder_tokenizer(vocab_size: int) -> Tokenizer:
+    """A stand-in for config-only folders (``--load-format dummy``): token i is the word
+    ``<i>``. Enough to run benchmarks on token ids; text in and out means nothing."""
+    from tokenizers import models, pre_tokenizers
+
+    backend = BackendTokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab_size)},
+                                                unk_token="<0>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer(backend, bos_token_id=None, eos_token_id=None)

@@ -15,6 +15,7 @@ Layout shared by every backend (the CPU reference and the Triton kernels):
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,11 @@ class AttentionMetadata:
     @property
     def num_reqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    @property
+    def query_starts_cpu(self) -> list[int]:
+        """Host copy of ``query_start_loc``."""
+        return list(itertools.accumulate(self.query_lens_cpu, initial=0))
 
 
 class AttentionBackend(ABC):

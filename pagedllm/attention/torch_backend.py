@@ -61,7 +61,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     block_size = kv_cache.shape[2]
     flat = kv_cache.flatten(1, 2)  # [2, num_slots, Hkv, D]
     out = torch.empty_like(q)
-    starts = metadata.query_start_loc.tolist()
+    starts = metadata.query_starts_cpu
     for r, seq_len in enumerate(metadata.seq_lens_cpu):
         start, end = starts[r], starts[r + 1]
         slots = context_slots(metadata.block_tables[r], seq_len, block_size)
@@ -85,7 +85,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
         device = metadata.block_tables.device
-        starts = metadata.query_start_loc.tolist()
+        starts = metadata.query_starts_cpu
         decodes: list[tuple[int, torch.Tensor]] = []
         chunks = []
         for r, seq_len in enumerate(metadata.seq_lens_cpu):

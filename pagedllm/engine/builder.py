@@ -14,7 +14,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.models.arch import ModelArch
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
 from pagedllm.models.registry import model_class
-from pagedllm.tokenizer import load_tokenizer
+from pagedllm.tokenizer import load_tokenizer, placeholder_tokenizer
 from pagedllm.worker import memory
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -38,18 +38,59 @@ def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
     dtype = resolve_dtype(config.model.dtype, device)
     torch.manual_seed(config.model.seed)
     model = load_model(source, arch, config, device, dtype)
-    tokenizer = load_tokenizer(source, config.model.chat_template)
+    try:
+        tokenizer = load_tokenizer(source, config.model.chat_template)
+    except FileNotFoundError:
+        if config.model.load_format != "dummy":
+            raise
+        logger.warning("No tokenizer in %s: using placeholder tokens (token ids only)",
+                       source.path)
+        tokenizer = placeholder_tokenizer(arch.vocab_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info("Loaded %s (%s, %.2f GiB of weights, %s on %s) in %.1f s", source.name,
                 arch.architecture, weights / 2**30, dtype, device, time.perf_counter() - start)
-    plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
-                                config.model.max_model_len, _kv_cache_bytes(config, device))
-    memory.log_kv_cache_plan(plan, logger, device.type)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
-    runner = ModelRunner(model, arch, backend, plan.num_blocks, config.cache.block_size, dtype,
-                         device)
+    runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device)
+    graph_sizes = [] if device.type != "cuda" or config.device.enforce_eager else \
+        memory.default_cuda_graph_sizes(config.scheduler.max_num_seqs)
+    kv_bytes = config.cache.kv_cache_memory_bytes
+    if kv_bytes is None:
+        kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
+            _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes)
+    plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
+                                config.model.max_model_len, kv_bytes)
+    memory.log_kv_cache_plan(plan, logger, device.type)
+    runner.allocate_kv_cache(plan.num_blocks)
+    if graph_sizes:
+        runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
     name = config.model.served_model_name or source.name
     return cls(config, tokenizer, runner, plan.num_blocks, name, arch.vocab_size)
+
+
+def _profile_gpu_kv_cache_bytes(runner: ModelRunner, config: EngineConfig, arch: ModelArch,
+                                dtype: torch.dtype, weight_bytes: int,
+                                graph_sizes: list[int]) -> int:
+    """KV cache budget on a GPU: gpu_memory_utilization x total memory, less the weights, the
+    measured activation peak of the largest step, the CUDA-graph reserve and non-torch memory."""
+    start = time.perf_counter()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    runner.profile_run(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
+    torch.cuda.synchronize()
+    activation = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    other = max(0, total - free - torch.cuda.memory_reserved())  # CUDA context, NCCL, ...
+    graphs = memory.cuda_graph_reserve_estimate(arch, dtype, graph_sizes)
+    estimate = memory.activation_bytes_estimate(
+        arch, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, dtype)
+    logger.info("Memory profiling took %.2f s: weights %.2f GiB, peak activations %.2f GiB "
+                "(planner's estimate %.2f GiB), CUDA graphs %.2f GiB (reserved), non-torch "
+                "%.2f GiB", time.perf_counter() - start, weight_bytes / 2**30,
+                activation / 2**30, estimate / 2**30, graphs / 2**30, other / 2**30)
+    return memory.gpu_kv_cache_budget(total, config.cache.gpu_memory_utilization, weight_bytes,
+                                      activation, graphs, other)
 
 
 def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig, device: torch.device,
@@ -76,12 +117,3 @@ def init_dummy_weights(model: nn.Module) -> None:
             param.fill_(1.0)
         else:
             param.normal_(0.0, 0.02)
-
-
-def _kv_cache_bytes(config: EngineConfig, device: torch.device) -> int:
-    if config.cache.kv_cache_memory_bytes is not None:
-        return config.cache.kv_cache_memory_bytes
-    if device.type == "cpu":
-        return memory.default_cpu_kv_cache_bytes()
-    raise NotImplementedError("GPU memory profiling lands with the GPU backend; "
-                              "pass --kv-cache-memory-bytes")

@@ -22,6 +22,8 @@ from pagedllm.attention.backend import (
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagedllm.models.arch import ModelArch
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.cuda_graphs import CUDAGraphRunner
 from pagedllm.worker.sampler import Sampler, SamplingTensors, gather_logprobs
 
 # (token ids, logprobs, rank of the first id): the first id is the chosen/actual token.
@@ -38,19 +40,45 @@ class ModelRunnerOutput:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, arch: ModelArch, backend: AttentionBackend,
-                 num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.model, self.arch, self.backend = model, arch, backend
         self.block_size, self.dtype, self.device = block_size, dtype, device
-        shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-        # Not zeroed (a multi-GiB memset slows start-up): a slot is written before it is read,
-        # except block 0, which pads block tables and gathers, so it must hold finite values.
-        self.kv_caches = [torch.empty(shape, dtype=dtype, device=device)
-                          for _ in range(arch.num_layers)]
-        for cache in self.kv_caches:
-            cache[:, 0].zero_()
+        self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self.graphs: CUDAGraphRunner | None = None
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (2, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        self.kv_caches = []  # release the old cache before taking the new one
+        # Not zeroed (a multi-GiB memset slows start-up): a slot is written before it is read,
+        # except block 0, which pads block tables and gathers, so it must hold finite values.
+        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(self.arch.num_layers)]
+        for cache in self.kv_caches:
+            cache[:, 0].zero_()
+
+    def profile_run(self, num_tokens: int, num_reqs: int) -> None:
+        """One dummy step at the largest shape the scheduler can emit: ``num_tokens`` prompt
+        tokens over ``num_reqs`` requests, every one of them sampling (so the sampler's
+        logits are at their largest too). Uses a temporary KV cache just large enough."""
+        num_reqs = max(1, min(num_reqs, num_tokens))
+        lens = [num_tokens // num_reqs + (i < num_tokens % num_reqs) for i in range(num_reqs)]
+        bs = self.block_size
+        self.allocate_kv_cache(sum(-(-n // bs) for n in lens) + 1)
+        scheduled, next_block = [], 1
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        for i, n in enumerate(lens):
+            blocks = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(blocks)
+            req = Request(f"profile-{i}", [0] * n, params)
+            scheduled.append(ScheduledRequest(req, n, blocks))
+        self.execute(SchedulerOutput(scheduled=scheduled))
+        self.kv_caches = []
+
+    def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> None:
+        self.graphs = CUDAGraphRunner(self, sizes, max_model_len)
+        self.graphs.capture()
 
     def free_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -58,18 +86,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         input_ids, positions, metadata = self._prepare_inputs(sched.scheduled)
-        self.backend.prepare(metadata, self.block_size)
-        ctx = ForwardContext(metadata, self.kv_caches, self.backend)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)
+        if self.graphs is not None and self.graphs.can_run(metadata):
+            hidden = self.graphs.run(input_ids, positions, metadata)
+        else:
+            hidden = self.forward(input_ids, positions, metadata)
         out = ModelRunnerOutput()
-        ends = metadata.query_start_loc[1:].tolist()
-        sampling = [(s, ends[i] - 1) for i, s in enumerate(sched.scheduled) if s.samples]
+        starts = metadata.query_starts_cpu
+        sampling = [(s, starts[i + 1] - 1) for i, s in enumerate(sched.scheduled) if s.samples]
         if sampling:
             rows = torch.tensor([row for _, row in sampling], device=self.device)
             self._sample(self.model.compute_logits(hidden[rows]), [s for s, _ in sampling], out)
         self._prompt_logprobs(sched.scheduled, hidden, metadata, out)
         return out
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """The model over one flattened step. [T] ids and positions -> [T, hidden]."""
+        self.backend.prepare(metadata, self.block_size)
+        with forward_context(ForwardContext(metadata, self.kv_caches, self.backend)):
+            return self.model(input_ids, positions)
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -133,7 +168,11 @@ class ModelRunner:
             repetition_penalty=col("repetition_penalty"),
             generators=[self._generator(r) for r in requests],
             max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None),
-                                 default=-1))
+                                 default=-1),
+            all_greedy=all(p.greedy for p in params),
+            use_min_p=any(p.min_p > 0 for p in params),
+            use_top_k=any(p.top_k > 0 for p in params),
+            use_top_p=any(p.top_p < 1 for p in params))
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                for p in params):
             t.output_counts = self._token_counts([r.output_token_ids for r in requests], vocab)
@@ -175,7 +214,7 @@ class ModelRunner:
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
                          metadata: AttentionMetadata, out: ModelRunnerOutput) -> None:
-        starts = metadata.query_start_loc.tolist()
+        starts = metadata.query_starts_cpu
         for i, s in enumerate(scheduled):
             req, k = s.request, s.request.sampling_params.prompt_logprobs
             first = req.num_computed_tokens

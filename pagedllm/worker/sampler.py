@@ -31,6 +31,11 @@ class SamplingTensors:
     logit_bias: torch.Tensor | None = None  # [N, V] additive
     banned: torch.Tensor | None = None  # [N, V] bool: stop tokens before min_tokens
     max_num_logprobs: int = -1  # -1: none requested
+    # Host-side flags, so that no step reads device tensors to decide what to compute.
+    all_greedy: bool = False
+    use_min_p: bool = False
+    use_top_k: bool = False
+    use_top_p: bool = False
 
 
 @dataclass
@@ -60,14 +65,17 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                            min_p: torch.Tensor) -> torch.Tensor:
-    """Masks (to -inf) the tokens each row's min_p, top_k and top_p exclude."""
+                            min_p: torch.Tensor, use_min_p: bool = True, use_k: bool = True,
+                            use_p: bool = True) -> torch.Tensor:
+    """Masks (to -inf) the tokens each row's min_p, top_k and top_p exclude.
+
+    ``use_*`` = False skips a filter no row uses (rows with min_p 0, top_k 0, top_p 1 are
+    unaffected either way)."""
     vocab = logits.shape[-1]
-    if bool((min_p > 0).any()):
+    if use_min_p:
         probs = logits.softmax(dim=-1)
         threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
         logits = logits.masked_fill(probs < threshold, float("-inf"))
-    use_k, use_p = bool((top_k > 0).any()), bool((top_p < 1).any())
     if not (use_k or use_p):
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=False)  # ascending
@@ -103,12 +111,13 @@ class Sampler:
             logits = logits.masked_fill(t.banned, float("-inf"))
         logits = apply_penalties(logits, t)
         greedy_ids = logits.argmax(dim=-1)
-        greedy = t.temperature <= 0
-        if bool(greedy.all()):
+        if t.all_greedy:
             token_ids = greedy_ids
         else:
+            greedy = t.temperature <= 0
             temp = torch.where(greedy, torch.ones_like(t.temperature), t.temperature)
-            scaled = apply_top_k_top_p_min_p(logits / temp[:, None], t.top_k, t.top_p, t.min_p)
+            scaled = apply_top_k_top_p_min_p(logits / temp[:, None], t.top_k, t.top_p, t.min_p,
+                                             t.use_min_p, t.use_top_k, t.use_top_p)
             probs = scaled.softmax(dim=-1)
             noise = _exponential_noise(probs.shape, probs, t.generators)
             token_ids = torch.where(greedy, greedy_ids, (probs / noise).argmax(dim=-1))
