@@ -1,0 +1,1 @@
+"""Images for vision-language models: resize rules, token counts, preprocessing."""

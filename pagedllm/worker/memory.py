@@ -1,0 +1,289 @@
+"""Memory sizing: weights, activations, CUDA graphs and the KV cache, in one place.
+
+The engine's start-up and ``pagedllm plan`` both call these functions, so the planner's numbers
+are the engine's numbers. Everything here is arithmetic on ``ModelArch``; nothing allocates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pagedllm.models.arch import ModelArch
+
+GiB = 1 << 30
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "float": 4, "float16": 2, "fp16": 2, "half": 2,
+    "bfloat16": 2, "bf16": 2, "int8": 1, "uint8": 1, "fp8": 1, "float8_e4m3fn": 1,
+}
+
+# Sampler bytes per [rows, vocab] logit at its peak (the top-k/top-p path of worker/sampler.py):
+# raw fp32 logits 4, temperature-scaled copy 4, sorted values 4, sort indices (int64) 8, mask 1,
+# sorted probabilities 4 and their cumulative sum 4, masked sorted logits 4, the scattered
+# result 4 (= 37), plus sort/scatter workspace: 40.1 measured on an H100 (torch 2.11). A batch
+# that also uses min_p keeps its masked logits alive too: about 45 (counted, not measured).
+SAMPLER_BYTES_PER_LOGIT = 40
+# Fixed cost of one captured CUDA graph beyond the shared memory pool (graph nodes, static
+# inputs/outputs, allocator rounding); a rough figure until cuda_graphs.py measures it.
+CUDA_GRAPH_BYTES_PER_SIZE = 2 << 20
+INT4_GROUP_SIZE = 128
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    """Bytes per element: ``"bfloat16"``, ``"bf16"``, ``"torch.float16"``, ``torch.float32``..."""
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    name = dtype.removeprefix("torch.").lower()
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; resolve 'auto' before sizing memory")
+    return _DTYPE_BYTES[name]
+
+
+def kv_bytes_per_token(arch: ModelArch, dtype: str | torch.dtype) -> int:
+    """One token's keys and values in every layer: layers x 2 x kv_heads x head_dim x bytes."""
+    return arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * dtype_bytes(dtype)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters by kind. ``linear`` (attention and MLP matrices) is what weight-only
+    quantization shrinks; embeddings, lm_head, norms and biases usually stay in 16 bits."""
+
+    embedding: int
+    linear: int
+    other: int  # norms and biases
+    lm_head: int  # 0 when tied to the embedding
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.linear + self.other + self.lm_head
+
+
+def parameter_breakdown(arch: ModelArch) -> ParameterCount:
+    """The decoder's parameters, counted as the HF ``*ForCausalLM`` modules hold them."""
+    h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
+    linear = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o; gate, up, down
+    other = 2 * h  # input and post-attention RMSNorm
+    if arch.qkv_bias:
+        other += q + 2 * kv
+        # Llama/Qwen3's attention_bias covers o_proj too; Qwen2(-VL) biases only q, k and v.
+        if not arch.model_type.startswith("qwen2"):
+            other += h
+    if arch.qk_norm:
+        other += 2 * arch.head_dim
+    embedding = arch.vocab_size * h
+    return ParameterCount(
+        embedding=embedding, linear=arch.num_layers * linear,
+        other=arch.num_layers * other + h,  # + final norm
+        lm_head=0 if arch.tie_word_embeddings else embedding)
+
+
+def count_parameters(arch: ModelArch) -> int:
+    """Total decoder parameters (tied embeddings counted once), equal to HF's ``numel`` sum."""
+    return parameter_breakdown(arch).total
+
+
+def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0) -> dict[str, int]:
+    """Weight bytes in float32/bfloat16/float16, and what weight-only quantization would make
+    them: int8 and int4 (one fp16 scale per group of ``INT4_GROUP_SIZE``) on the decoder's
+    linear layers, everything else (and the vision tower) kept in 16 bits, as GPTQ/AWQ do."""
+    p = parameter_breakdown(arch)
+    kept16 = 2 * (p.total - p.linear + vision_params)
+    out = {name: (p.total + vision_params) * _DTYPE_BYTES[name]
+           for name in ("float32", "bfloat16", "float16")}
+    out["int8"] = p.linear + kept16
+    out["int4"] = p.linear // 2 + p.linear * 2 // INT4_GROUP_SIZE + kept16
+    return out
+
+
+def count_vision_parameters(vision_config: dict[str, Any]) -> int:
+    """Qwen2-VL's vision tower: Conv3d patch embedding (no bias), ``depth`` pre-LayerNorm
+    blocks (qkv, proj, fc1, fc2 with biases) and the 2x2 patch merger (LayerNorm + 2 linears)."""
+    e = vision_config["embed_dim"]
+    channels = vision_config.get("in_channels", vision_config.get("in_chans", 3))
+    patch = vision_config.get("patch_size", 14)
+    temporal = vision_config.get("temporal_patch_size", 2)
+    mlp = int(e * vision_config.get("mlp_ratio", 4))
+    merged = e * vision_config.get("spatial_merge_size", 2) ** 2
+    block = 4 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * mlp + mlp) + (mlp * e + e)
+    merger = 2 * e + (merged * merged + merged) + (merged * vision_config["hidden_size"]
+                                                   + vision_config["hidden_size"])
+    return channels * temporal * patch * patch * e + vision_config["depth"] * block + merger
+
+
+def activation_phases(arch: ModelArch, num_tokens: int, max_num_seqs: int,
+                      dtype: str | torch.dtype) -> dict[str, int]:
+    """Live activation bytes at the peak of each phase of one forward of ``num_tokens`` tokens,
+    for the decoder in models/llama.py (one layer's temporaries are freed before the next).
+
+    With T tokens, d bytes per element, x the residual [T, H] and n its normed copy [T, H]:
+
+    - ``qk_norm`` (Qwen3 only): x, n, the fused qkv output [T, q + 2kv] and the two fp32
+      temporaries of RMSNorm over q (upcast, scaled): 8Tq bytes
+    - ``rotary``: x, n, qkv, (the q/k norm outputs), cos and sin [T, head_dim], then q*cos,
+      rotate_half(q) * sin and their sum (3Tq elements; then k's three with the rotated q
+      kept: T(q + 3kv))
+    - ``attention``: x, n, qkv, rotated q and k, attention output [T, q], o_proj output [T, H]
+      (the attention kernel is assumed to keep nothing of size T x T: flash-style)
+    - ``mlp``: the layer's input x (still held by the caller's loop), x + attention, n,
+      gate_up [T, 2I], silu(gate) [T, I] and silu(gate) * up [T, I]
+    - ``logits``: final hidden [T, H] + the sampler over S = min(T, max_num_seqs) rows of V
+      logits, ``SAMPLER_BYTES_PER_LOGIT`` bytes each (fp32 logits, sort values and indices,
+      probabilities); the lm_head output in d and its fp32 copy (d + 4 per logit) come before
+
+    The layer norms (x, the fp32 upcast and scaled copies: T(dH + 8H)) stay below the mlp phase
+    whenever I >= H, and embeddings, positions and attention metadata are O(T), so they are left
+    out. Phases run one after another, so the peak is their maximum, not their sum. Checked on
+    an H100 against ``torch.cuda.max_memory_allocated`` (bf16, flash-style attention) for
+    Llama-3.2-1B/3.1-8B, Qwen3-0.6B and Qwen2-VL-7B at 256 to 16,384 tokens and 1 or 256
+    sampled rows: the peak within 0.2% (the forward alone exact from 512 tokens; below, the
+    O(T x head_dim) terms left out make it up to 10% low).
+    """
+    t, d = num_tokens, dtype_bytes(dtype)
+    h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
+    base = d * t * (2 * h + q + 2 * kv)  # x, n, qkv
+    normed_qk = d * t * (q + kv) if arch.qk_norm else 0
+    rows = min(num_tokens, max_num_seqs)
+    phases = {
+        "rotary": base + normed_qk + d * t * (2 * arch.head_dim + max(3 * q, q + 3 * kv)),
+        "attention": base + normed_qk + d * t * (q + kv + q + h),
+        "mlp": d * t * (3 * h + 4 * inter),
+        "logits": d * t * h + rows * arch.vocab_size * SAMPLER_BYTES_PER_LOGIT,
+    }
+    if arch.qk_norm:
+        phases["qk_norm"] = base + 8 * t * q
+    return phases
+
+
+def activation_bytes_estimate(arch: ModelArch, num_tokens: int, max_num_seqs: int,
+                              dtype: str | torch.dtype) -> int:
+    """Peak activation memory of one forward of ``num_tokens`` tokens plus the sampler: the
+    largest of ``activation_phases``."""
+    return max(activation_phases(arch, num_tokens, max_num_seqs, dtype).values())
+
+
+def default_cuda_graph_sizes(max_num_seqs: int, limit: int = 512) -> list[int]:
+    """Decode batch sizes to capture: 1, 2, 4, then every multiple of 8 up to max_num_seqs."""
+    top = min(max_num_seqs, limit)
+    return sorted({s for s in (1, 2, 4) if s <= top} | set(range(8, top + 1, 8)) | {top})
+
+
+def cuda_graph_reserve_estimate(arch: ModelArch, dtype: str | torch.dtype,
+                                capture_sizes: Sequence[int]) -> int:
+    """Memory kept by captured decode graphs. Graphs captured largest first share one pool, so
+    it holds the activations of the largest size (no sampler: it runs outside the graph), plus
+    ``CUDA_GRAPH_BYTES_PER_SIZE`` for each captured size."""
+    if not capture_sizes:
+        return 0
+    phases = activation_phases(arch, max(capture_sizes), 1, dtype)
+    phases.pop("logits")
+    return max(phases.values()) + len(capture_sizes) * CUDA_GRAPH_BYTES_PER_SIZE
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    block_size: int
+    bytes_per_block: int
+    num_blocks: int
+    kv_cache_bytes: int  # num_blocks x bytes_per_block (the budget rounded down to blocks)
+    num_tokens: int  # num_blocks x block_size
+    max_model_len: int
+
+    @classmethod
+    def from_budget(cls, arch: ModelArch, dtype: str | torch.dtype, block_size: int,
+                    max_model_len: int, kv_cache_bytes: int) -> KVCachePlan:
+        """As many whole blocks as ``kv_cache_bytes`` holds, without checking they suffice."""
+        per_block = kv_bytes_per_token(arch, dtype) * block_size
+        blocks = max(kv_cache_bytes, 0) // per_block
+        return cls(block_size, per_block, blocks, blocks * per_block, blocks * block_size,
+                   max_model_len)
+
+    @property
+    def max_concurrency(self) -> float:
+        """How many max_model_len-token requests the cache holds at once."""
+        return self.concurrency_at(self.max_model_len)
+
+    def concurrency_at(self, tokens_per_request: int) -> float:
+        return self.num_tokens / tokens_per_request
+
+    @property
+    def largest_fitting_len(self) -> int:
+        """The longest request (prompt + output) the whole cache can hold."""
+        return self.num_tokens
+
+
+def plan_kv_cache(arch: ModelArch, dtype: str | torch.dtype, block_size: int,
+                  max_model_len: int, kv_cache_bytes: int) -> KVCachePlan:
+    """Blocks for ``kv_cache_bytes``; raises ValueError when one max_model_len-token request
+    does not fit."""
+    plan = KVCachePlan.from_budget(arch, dtype, block_size, max_model_len, kv_cache_bytes)
+    if plan.num_tokens < max_model_len:
+        needed = math.ceil(max_model_len / block_size) * plan.bytes_per_block
+        raise ValueError(
+            f"The model's max seq len ({max_model_len}) is larger than the maximum number of "
+            f"tokens that can be stored in KV cache ({plan.num_tokens}): one request needs "
+            f"{needed / GiB:.2f} GiB of KV cache ({needed} bytes) and {kv_cache_bytes / GiB:.2f} "
+            f"GiB is available. The largest max_model_len that fits is {plan.num_tokens}. Try "
+            "increasing `gpu_memory_utilization` / `kv_cache_memory_bytes` or decreasing "
+            f"`max_model_len` (--max-model-len {plan.num_tokens}).")
+    return plan
+
+
+def available_host_memory() -> int:
+    """Bytes of RAM available to a new allocation: MemAvailable from /proc/meminfo (Linux),
+    else free pages from sysconf, else all physical pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(name) * page
+        except (ValueError, OSError):
+            continue
+    return 16 * GiB
+
+
+def default_cpu_kv_cache_bytes() -> int:
+    """KV cache size on CPU when ``kv_cache_memory_bytes`` is not given: 4 GiB (vLLM's CPU
+    default, ``VLLM_CPU_KVCACHE_SPACE``), but at most a quarter of the RAM available now, so
+    that the weights (loaded after sizing) and the activations still fit beside it."""
+    return min(4 * GiB, available_host_memory() // 4)
+
+
+def gpu_kv_cache_budget(total_bytes: int, gpu_memory_utilization: float, weight_bytes: int,
+                        activation_bytes: int, cuda_graph_bytes: int, other_bytes: int = 0) -> int:
+    """What is left for the KV cache of ``gpu_memory_utilization x total_bytes`` after the
+    weights, the activation peak, the CUDA-graph pool and other (non-torch) memory."""
+    usable = int(total_bytes * gpu_memory_utilization)
+    used = weight_bytes + activation_bytes + cuda_graph_bytes + other_bytes
+    left = usable - used
+    if left <= 0:
+        raise ValueError(
+            f"No memory left for the KV cache: gpu_memory_utilization {gpu_memory_utilization} "
+            f"x {total_bytes / GiB:.2f} GiB = {usable / GiB:.2f} GiB, but weights take "
+            f"{weight_bytes / GiB:.2f} GiB, activations {activation_bytes / GiB:.2f} GiB, CUDA "
+            f"graphs {cuda_graph_bytes / GiB:.2f} GiB and other memory {other_bytes / GiB:.2f} "
+            f"GiB ({used / GiB:.2f} GiB). Increase `gpu_memory_utilization`, or decrease "
+            "`max_num_batched_tokens` / `max_num_seqs`, or use a GPU with more memory.")
+    return left
+
+
+def log_kv_cache_plan(plan: KVCachePlan, logger: logging.Logger, device: str = "cuda") -> None:
+    """The start-up lines vLLM users look for (same wording, same numbers)."""
+    prefix = "GPU " if device.startswith("cuda") else ""
+    logger.info("Available KV cache memory: %.2f GiB", plan.kv_cache_bytes / GiB)
+    logger.info("%sKV cache size: %s tokens", prefix, f"{plan.num_tokens:,}")
+    logger.info("Maximum concurrency for %s tokens per request: %.2fx",
+                f"{plan.max_model_len:,}", plan.max_concurrency)

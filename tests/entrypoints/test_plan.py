@@ -1,0 +1,129 @@
+"""``pagedllm plan``: the numbers of real configs, warnings with their fix, image costs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pagedllm.entrypoints import cli
+from pagedllm.entrypoints.plan import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
+GiB = 1 << 30
+
+
+def plan(capsys: pytest.CaptureFixture, model: str, *flags: str,
+         fmt: str = "json") -> tuple[int, dict | str]:
+    argv = ["plan", str(CONFIGS / model), *flags, "--format", fmt]
+    rc = main(cli.build_parser(argv).parse_args(argv))
+    out = capsys.readouterr().out
+    return rc, json.loads(out) if fmt == "json" else out
+
+
+def test_llama_8b_on_80_gib(capsys: pytest.CaptureFixture) -> None:
+    rc, r = plan(capsys, "llama-3.1-8b", "--gpu-memory-gib", "80")
+    assert rc == 0 and r["errors"] == [] and r["warnings"] == []
+    assert (r["device"], r["dtype"]) == ("cuda", "bfloat16")
+    assert r["parameters"]["total"] == 8_030_261_248
+    assert r["weight_bytes"]["bfloat16"] == 16_060_522_496
+    assert r["kv_bytes_per_token"] == 128 * 1024 and r["kv_bytes_per_block"] == 2 * 1024 * 1024
+    m = r["memory"]
+    assert m["usable_bytes"] == int(0.9 * 80 * GiB)
+    # 2048-token step + 256 sampled rows: the sampler dominates (hidden + 256 x 128256 x 40)
+    assert m["activation_bytes"] == 2 * 2048 * 4096 + 256 * 128256 * 40 == 1_330_118_656
+    assert m["activation_peak_phase"] == "logits"
+    # 35 decode graphs (1, 2, 4, 8..256): the 256-token MLP peak + 2 MiB each
+    assert m["cuda_graph_bytes"] == 2 * 256 * (3 * 4096 + 4 * 14336) + 35 * 2 * 1024 * 1024
+    left = int(0.9 * 80 * GiB) - 16_060_522_496 - 1_330_118_656 - 109_051_904
+    kv = r["kv_cache"]
+    assert kv["blocks"] == left // (2 * 1024 * 1024) == 28_519
+    assert kv["tokens"] == 28_519 * 16 == 456_304
+    assert kv["bytes"] == 28_519 * 2 * 1024 * 1024
+    assert kv["max_model_len"] == 131_072 and kv["max_concurrency"] == 3.48
+    rows = {c["tokens_per_request"]: c for c in r["concurrency"]}
+    assert list(rows) == [1024, 4096, 8192, 16384, 32768, 65536, 131072]
+    assert rows[1024]["running_at_once"] == 256  # capped by max_num_seqs
+    assert rows[8192]["running_at_once"] == 28_519 // 512 == 55
+    b = r["batching"]
+    assert (b["max_num_seqs"], b["max_num_batched_tokens"], b["enable_chunked_prefill"]) == (
+        256, 2048, True)
+    steps = {s["prompt_tokens"]: s["steps"] for s in b["prefill_steps"]}
+    assert steps == {512: 1, 2048: 1, 8192: 4, 32768: 16, 131072: 64}
+
+
+def test_table_format(capsys: pytest.CaptureFixture) -> None:
+    rc, out = plan(capsys, "llama-3.1-8b", "--gpu-memory-gib", "80", "--max-model-len", "8192",
+                   fmt="table")
+    assert rc == 0
+    assert "0.9 x 80.00 GiB = 72.00 GiB" in out
+    assert "Maximum concurrency for 8,192 tokens per request:" in out
+
+
+def test_kv_cache_memory_bytes_is_taken_as_is(capsys: pytest.CaptureFixture) -> None:
+    rc, r = plan(capsys, "llama-3.1-8b", "--gpu-memory-gib", "80", "--max-model-len", "2048",
+                 "--kv-cache-memory-bytes", str(256 * 1024 * 1024))
+    assert r["memory"]["kv_cache_source"] == "kv_cache_memory_bytes"
+    assert (r["kv_cache"]["blocks"], r["kv_cache"]["tokens"]) == (128, 2048)
+    # 256 max_num_seqs cannot all hold a block: a warning with the fix, but the engine starts
+    assert rc == 0 and r["errors"] == []
+    assert any("--max-num-seqs to 128" in w for w in r["warnings"])
+
+
+def test_max_model_len_too_large_for_the_cache(capsys: pytest.CaptureFixture) -> None:
+    rc, r = plan(capsys, "llama-3.1-8b", "--gpu-memory-gib", "24")
+    tokens = r["kv_cache"]["tokens"]
+    assert rc == 1 and 0 < tokens < 131072
+    [error] = r["errors"]
+    assert f"largest max_model_len that fits is {tokens}" in error
+    assert f"--max-model-len {tokens}" in error
+
+
+def test_inconsistent_scheduler_settings_are_errors_with_a_fix(
+        capsys: pytest.CaptureFixture) -> None:
+    rc, r = plan(capsys, "llama-3.1-8b", "--gpu-memory-gib", "80", "--max-model-len", "8192",
+                 "--max-num-seqs", "128", "--max-num-batched-tokens", "64")
+    assert rc == 1
+    assert "Fix: --max-num-batched-tokens 128 or --max-num-seqs 64." in r["errors"][0]
+    assert r["batching"]["max_num_batched_tokens"] == 64  # still planned with the user's value
+    rc, r = plan(capsys, "llama-3.1-8b", "--gpu-memory-gib", "80", "--max-model-len", "8192",
+                 "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096")
+    assert rc == 1 and "--enable-chunked-prefill" in r["errors"][0]
+    steps = {s["prompt_tokens"]: s["steps"] for s in r["batching"]["prefill_steps"]}
+    assert steps[2048] == 1 and steps[8192] is None  # longer than the budget: rejected
+
+
+def test_qwen2_vl_images(capsys: pytest.CaptureFixture) -> None:
+    rc, r = plan(capsys, "qwen2-vl-7b-instruct", "--gpu-memory-gib", "80",
+                 "--max-model-len", "32768", "--image-size", "1280x720")
+    assert rc == 0 and r["errors"] == []
+    assert r["parameters"] == {"decoder": 7_615_616_512, "vision": 675_759_104,
+                               "total": 8_291_375_616}
+    assert r["kv_bytes_per_token"] == 56 * 1024
+    image, bound = r["images"]
+    assert image == {"image": "1280x720", "resized": "1288x728", "image_tokens": 1196,
+                     "prompt_tokens": 1198, "context_left": 32768 - 1198,
+                     "max_images_per_request": 27, "prefill_steps": 1}
+    assert bound["image_tokens"] == 1280  # max_pixels / 28^2
+    rc, r = plan(capsys, "qwen2-vl-7b-instruct", "--gpu-memory-gib", "80",
+                 "--max-model-len", "1024", "--image-size", "1280x720")
+    assert any("1198 tokens, more than max_model_len (1024)" in w for w in r["warnings"])
+
+
+def test_cpu_plan_uses_float32_and_the_given_cache(capsys: pytest.CaptureFixture) -> None:
+    rc, r = plan(capsys, "qwen3-0.6b", "--device", "cpu", "--max-model-len", "4096",
+                 "--kv-cache-memory-bytes", str(GiB))
+    assert rc == 0
+    assert (r["device"], r["dtype"]) == ("cpu", "float32")
+    assert r["kv_bytes_per_token"] == 224 * 1024  # 28 x 2 x 8 x 128 x 4 bytes
+    assert r["kv_cache"]["tokens"] == GiB // (224 * 1024 * 16) * 16
+    assert r["memory"]["cuda_graph_bytes"] == 0
+
+
+def test_cuda_without_a_gpu_asks_for_its_size(capsys: pytest.CaptureFixture) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit, match="--gpu-memory-gib"):
+        plan(capsys, "llama-3.2-1b", "--device", "cuda")
