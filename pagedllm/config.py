@@ -132,7 +132,7 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine argument(s): {sorted(unknown)}")
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        max_model_len = kwargs.get("max_model_len") or derived_max_model_len
+        max_model_len = kwargs.get("max_model_len", derived_max_model_len)
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
         if max_model_len > derived_max_model_len:

@@ -1,0 +1,120 @@
+"""Triton attention backend (GPU): KV write + one unified paged-attention launch per layer.
+
+Planning happens on the host from the metadata's host ints and lists, never from device tensors:
+the query tile height, whether each request fits one tile (then no tile map is needed and the
+launch is CUDA-graph safe), the tile -> request map otherwise, and the split-KV factor. A plan
+depends on the layer's head geometry, which ``prepare`` does not know, so it is built by the
+first layer's ``forward`` and cached in ``metadata.backend_data`` for the step's other layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.kernels.kv_cache_write import write_kv_triton
+from pagedllm.kernels.paged_attention import paged_attention_triton
+
+MAX_BLOCK_M = 128  # query rows (tokens x group heads) per program
+# fp32 inputs take the exact (FMA, not tensor-core) dot, whose operands spill registers beyond
+# 16 rows; fp32 is the accuracy path on the GPU, not the fast one.
+MAX_BLOCK_M_FP32 = 16
+MIN_SPLIT_TOKENS = 256  # shortest context slice worth its own program in split-KV
+MAX_SPLITS = 16
+
+
+@dataclass
+class AttentionPlan:
+    block_m: int
+    num_splits: int
+    tile_map: torch.Tensor | None  # [num_tiles, 2] int32 (request, first query row), or None
+
+
+@dataclass
+class TritonStepData:
+    query_lens: list[int]
+    max_query_len: int
+    max_seq_len: int
+    device: torch.device
+    plans: dict[tuple[int, int, torch.dtype], AttentionPlan] = field(default_factory=dict)
+
+
+def choose_block_m(max_query_len: int, group_pad: int, max_rows: int = MAX_BLOCK_M) -> int:
+    """Rows per tile: enough for the longest query chunk's rows, in [16, max_rows]; never fewer
+    than one token's GQA group."""
+    rows = triton.next_power_of_2(max(1, max_query_len) * group_pad)
+    return max(16, group_pad, min(rows, max_rows))
+
+
+def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int) -> int:
+    """Split-KV factor (a power of two) so that ~2 programs per SM are in flight.
+
+    Splits only when the grid is below one program per SM and contexts are long enough that
+    each slice keeps at least ``MIN_SPLIT_TOKENS`` positions.
+    """
+    if num_programs >= num_sms:
+        return 1
+    wanted = min(triton.cdiv(2 * num_sms, num_programs), max_seq_len // MIN_SPLIT_TOKENS,
+                 MAX_SPLITS)
+    return 1 if wanted < 2 else 1 << (wanted.bit_length() - 1)
+
+
+def build_tile_map(query_lens: list[int], block_q: int, device: torch.device) -> torch.Tensor:
+    """[num_tiles, 2] int32: each request's query rows cut into tiles of ``block_q`` rows."""
+    tiles = [(r, first) for r, n in enumerate(query_lens) for first in range(0, n, block_q)]
+    host = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def device_num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # planning only; the interpreter has no SMs
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """``num_splits``: None = heuristic, 1 = never split, k = always k slices (tests, tuning)."""
+
+    name = "triton"
+
+    def __init__(self, num_splits: int | None = None) -> None:
+        self.num_splits = num_splits
+
+    def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
+        metadata.backend_data = TritonStepData(
+            query_lens=list(metadata.query_lens_cpu), max_query_len=metadata.max_query_len,
+            max_seq_len=metadata.max_seq_len, device=metadata.block_tables.device)
+
+    def plan(self, data: TritonStepData, num_heads: int, num_kv_heads: int,
+             dtype: torch.dtype) -> AttentionPlan:
+        key = (num_heads, num_kv_heads, dtype)
+        if key not in data.plans:
+            group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+            max_rows = MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M
+            block_m = choose_block_m(data.max_query_len, group_pad, max_rows)
+            block_q = block_m // group_pad
+            one_tile = data.max_query_len <= block_q
+            tile_map = None if one_tile else build_tile_map(data.query_lens, block_q, data.device)
+            num_tiles = len(data.query_lens) if tile_map is None else tile_map.shape[0]
+            num_splits = self.num_splits or choose_num_splits(
+                num_tiles * num_kv_heads, data.max_seq_len, device_num_sms(data.device))
+            data.plans[key] = AttentionPlan(block_m, num_splits, tile_map)
+        return data.plans[key]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        if not isinstance(metadata.backend_data, TritonStepData):
+            raise RuntimeError("TritonAttentionBackend.prepare() was not called for this step")
+        write_kv_triton(k, v, kv_cache, metadata.slot_mapping)
+        plan = self.plan(metadata.backend_data, q.shape[1], k.shape[1], q.dtype)
+        return paged_attention_triton(
+            q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
+            scale, block_m=plan.block_m, tile_map=plan.tile_map, num_splits=plan.num_splits)

@@ -1,0 +1,525 @@
+"""Scheduler, driven without a model: ``schedule()``, then fake sampled tokens for the requests
+whose step reaches their last token."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+
+import pytest
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.sampling_params import SamplingParams
+
+EOS = 2
+
+
+def make_scheduler(*, num_blocks: int = 64, block_size: int = 16, max_num_seqs: int = 8,
+                   max_num_batched_tokens: int = 64, max_model_len: int = 64,
+                   chunked: bool = True, caching: bool = True) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=max_num_batched_tokens,
+                             enable_chunked_prefill=chunked, max_model_len=max_model_len)
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, caching))
+
+
+def make_request(request_id: str, num_prompt: int, *, first: int | None = None,
+                 wait_for: Request | None = None, **params: object) -> Request:
+    """A request whose prompt tokens are distinct from other requests' (no accidental hits)."""
+    start = 1000 * (sum(map(ord, request_id)) + 1) if first is None else first
+    sampling = SamplingParams(**params)  # type: ignore[arg-type]
+    sampling.all_stop_token_ids = {EOS}
+    return Request(request_id, list(range(start, start + num_prompt)), sampling,
+                   wait_for=wait_for)
+
+
+def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
+    """One engine step with a fake model that samples ``token`` for every request that samples."""
+    out = sched.schedule()
+    sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
+    sched.update_from_output(out, sampled)
+    return out
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+
+
+def run_to_completion(sched: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
+    outs = []
+    while sched.num_unfinished:
+        outs.append(step(sched))
+        assert len(outs) < max_steps, "the scheduler made no progress"
+    return outs
+
+
+def assert_pool_whole(sched: Scheduler) -> None:
+    kv = sched.kv_cache
+    assert kv.num_free_blocks == kv.pool.num_blocks
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def add_all(sched: Scheduler, requests: Iterable[Request]) -> None:
+    for req in requests:
+        sched.add_request(req)
+
+
+# -- budgets -------------------------------------------------------------------------------
+
+
+def test_token_budget_and_max_num_seqs_every_step() -> None:
+    sched = make_scheduler(max_num_seqs=4, max_num_batched_tokens=32)
+    reqs = [make_request(f"r{i}", 20, max_tokens=3) for i in range(10)]
+    add_all(sched, reqs)
+    assert plan(step(sched)) == [("r0", 20), ("r1", 12)]
+    # Running first (r0's decode, r1's last chunk), then new prompts up to the budget.
+    assert plan(step(sched)) == [("r0", 1), ("r1", 8), ("r2", 20), ("r3", 3)]
+    # Four running: nobody else is admitted although the budget has room.
+    assert plan(step(sched)) == [("r0", 1), ("r1", 1), ("r2", 1), ("r3", 17)]
+    assert reqs[0].status is RequestStatus.FINISHED_LENGTH
+    assert reqs[0].output_token_ids == [7, 7, 7]
+    for out in run_to_completion(sched):
+        assert out.total_num_tokens <= 32
+        assert len(out.scheduled) <= 4
+    assert all(r.status is RequestStatus.FINISHED_LENGTH for r in reqs)
+    assert_pool_whole(sched)
+
+
+def test_running_requests_go_first() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16)
+    a = make_request("a", 10, max_tokens=5)
+    sched.add_request(a)
+    step(sched)
+    b = make_request("b", 30)
+    sched.add_request(b)
+    out = step(sched)
+    assert plan(out) == [("a", 1), ("b", 15)]
+    assert (out.num_new_prompts, out.num_prompt_chunks, out.num_decodes) == (1, 0, 1)
+
+
+def test_chunked_prefill_finishes_a_long_prompt_over_several_steps() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16, max_model_len=64)
+    req = make_request("a", 40, max_tokens=2)
+    sched.add_request(req)
+    expected = [(16, False, 0), (16, False, 16), (8, True, 32)]
+    for i, (n, samples, computed_before) in enumerate(expected):
+        out = sched.schedule()
+        (s,) = out.scheduled
+        assert (s.num_new_tokens, s.samples, req.num_computed_tokens) == (n, samples,
+                                                                         computed_before)
+        assert (out.num_new_prompts, out.num_prompt_chunks) == ((1, 0) if i == 0 else (0, 1))
+        assert len(s.block_ids) == -(-(computed_before + n) // 16)
+        sched.update_from_output(out, {"a": 5} if s.samples else {})
+        assert req.output_token_ids == ([5] if samples else [])
+    assert req.num_computed_tokens == 40
+    out = step(sched)  # then one decode
+    assert plan(out) == [("a", 1)] and out.num_decodes == 1
+    assert req.status is RequestStatus.FINISHED_LENGTH
+    assert_pool_whole(sched)
+
+
+def test_chunked_prefill_chunks_only_the_last_admitted_prompt() -> None:
+    sched = make_scheduler(max_num_batched_tokens=32)
+    add_all(sched, [make_request("a", 10), make_request("b", 12), make_request("c", 30)])
+    assert plan(sched.schedule()) == [("a", 10), ("b", 12), ("c", 10)]
+
+
+def test_without_chunked_prefill_a_prompt_that_does_not_fit_waits() -> None:
+    sched = make_scheduler(max_num_batched_tokens=32, max_model_len=32, chunked=False)
+    add_all(sched, [make_request("a", 20, max_tokens=4), make_request("b", 20),
+                    make_request("c", 5)])
+    out = step(sched)
+    assert plan(out) == [("a", 20)]  # b (20 > 12 left) waits, and c waits behind it
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]
+    assert plan(step(sched)) == [("a", 1), ("b", 20), ("c", 5)]
+
+
+def test_decodes_one_token_per_step_after_the_prompt() -> None:
+    sched = make_scheduler()
+    req = make_request("a", 10, max_tokens=4)
+    sched.add_request(req)
+    outs = run_to_completion(sched)
+    assert [plan(o) for o in outs] == [[("a", 10)], [("a", 1)], [("a", 1)], [("a", 1)]]
+    assert [o.num_decodes for o in outs] == [0, 1, 1, 1]
+    assert req.num_computed_tokens == 13 and req.num_tokens == 14
+
+
+def test_update_from_output_returns_requests_with_a_new_token() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16)
+    a, b = make_request("a", 4), make_request("b", 30)
+    add_all(sched, [a, b])
+    out = sched.schedule()
+    assert [s.samples for s in out.scheduled] == [True, False]
+    assert sched.update_from_output(out, {"a": 9}) == [a]
+    assert b.num_computed_tokens == 12 and b.output_token_ids == []
+
+
+# -- preemption ----------------------------------------------------------------------------
+
+
+def test_preemption_by_recompute_takes_the_latest_admitted() -> None:
+    # 7 blocks of 4 tokens; three prompts of 8 tokens take 6.
+    sched = make_scheduler(num_blocks=7, block_size=4, max_num_seqs=3, caching=False)
+    a, b, c, d = (make_request(x, 8, max_tokens=6) for x in "abcd")
+    add_all(sched, [a, b, c, d])
+    assert plan(step(sched)) == [("a", 8), ("b", 8), ("c", 8)]
+    assert sched.kv_cache.num_free_blocks == 1
+    # Each now has 9 tokens: a takes the last block, b needs one too, so c is preempted.
+    out = step(sched)
+    assert out.preempted == ["c"]
+    assert plan(out) == [("a", 1), ("b", 1)]  # no new admissions in a step that preempts
+    assert c.status is RequestStatus.PREEMPTED
+    assert c.num_computed_tokens == 0
+    assert c.output_token_ids == [7]  # its sampled token is kept; its KV is recomputed
+    assert c.num_preemptions == 1 and sched.num_preemptions == 1
+    assert [r.request_id for r in sched.waiting] == ["c", "d"]  # the front of the queue
+    assert [r.request_id for r in sched.running] == ["a", "b"]
+    assert sched.kv_cache.block_ids("c") == []
+    assert sched.kv_cache.num_free_blocks == 1
+    run_to_completion(sched)
+    for req in (a, b, c, d):
+        assert req.status is RequestStatus.FINISHED_LENGTH
+        assert req.output_token_ids == [7] * 6
+    assert_pool_whole(sched)
+
+
+def test_the_latest_admitted_preempts_itself_when_it_cannot_grow() -> None:
+    sched = make_scheduler(num_blocks=5, block_size=4, caching=False)
+    a, b = make_request("a", 8, max_tokens=4), make_request("b", 8, max_tokens=4)
+    add_all(sched, [a, b])
+    step(sched)  # 4 of 5 blocks taken
+    out = step(sched)  # a takes the last block; b, the latest admitted, is its own victim
+    assert out.preempted == ["b"]
+    assert plan(out) == [("a", 1)]
+    assert b.status is RequestStatus.PREEMPTED and list(sched.waiting) == [b]
+    run_to_completion(sched)
+    assert a.output_token_ids == b.output_token_ids == [7] * 4
+    assert_pool_whole(sched)
+
+
+def test_preemption_frees_room_for_an_earlier_request() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4, caching=False)
+    a, b = make_request("a", 8, max_tokens=4), make_request("b", 8, max_tokens=4)
+    add_all(sched, [a, b])
+    step(sched)  # all 4 blocks taken
+    out = step(sched)  # a cannot grow: b is preempted, and its blocks let a go on
+    assert out.preempted == ["b"]
+    assert plan(out) == [("a", 1)]
+    assert sched.kv_cache.block_ids("a") == [0, 1, 3]  # b's tail block came back first
+    run_to_completion(sched)
+    assert a.is_finished and b.is_finished
+    assert_pool_whole(sched)
+
+
+def test_preempted_request_resumes_from_its_cached_blocks() -> None:
+    sched = make_scheduler(num_blocks=7, block_size=4, max_num_seqs=3, caching=True)
+    a, b, c = (make_request(x, 8, max_tokens=3) for x in "abc")
+    add_all(sched, [a, b, c])
+    step(sched)
+    assert sched.kv_cache.block_ids("c") == [4, 5]
+    out = step(sched)
+    assert out.preempted == ["c"]
+    # c's blocks went back tail first, so b took c's block 5; block 4 stays cached.
+    assert sched.kv_cache.block_ids("b") == [2, 3, 5]
+    resumed = None
+    while resumed is None:
+        out = sched.schedule()
+        resumed = next((s for s in out.scheduled if s.request is c), None)
+        if resumed is not None:
+            # 9 tokens (8 prompt + 1 sampled): 4 come from the cache, 5 are recomputed.
+            assert (c.num_tokens, c.num_computed_tokens, resumed.num_new_tokens) == (9, 4, 5)
+            assert resumed.block_ids[0] == 4
+        sched.update_from_output(out, {s.request.request_id: 7
+                                       for s in out.scheduled if s.samples})
+    run_to_completion(sched)
+    assert c.output_token_ids == [7, 7, 7]
+    assert c.num_cached_tokens == 0  # the hit at its first scheduling
+    assert_pool_whole(sched)
+
+
+# -- stop rules ----------------------------------------------------------------------------
+
+
+def generate(req: Request, tokens: list[int], **kwargs: object) -> Request:
+    """Runs one request, sampling ``tokens`` in turn, until it finishes or they run out."""
+    sched = make_scheduler(**kwargs)  # type: ignore[arg-type]
+    sched.add_request(req)
+    feed = iter(tokens)
+    while not req.is_finished:
+        out = sched.schedule()
+        token = next(feed, None)
+        if token is None:
+            break
+        sched.update_from_output(out, {req.request_id: token})
+    if req.is_finished:
+        assert_pool_whole(sched)
+    return req
+
+
+def test_max_tokens_finishes_with_length() -> None:
+    req = generate(make_request("a", 5, max_tokens=3), [10, 11, 12, 13])
+    assert req.output_token_ids == [10, 11, 12]
+    assert req.status.finish_reason == "length"
+
+
+def test_eos_finishes_with_stop() -> None:
+    req = generate(make_request("a", 5, max_tokens=10), [10, EOS, 12])
+    assert req.output_token_ids == [10, EOS]
+    assert req.status.finish_reason == "stop"
+    assert req.stop_reason is None
+
+
+def test_ignore_eos_keeps_going() -> None:
+    req = generate(make_request("a", 5, max_tokens=3, ignore_eos=True), [EOS, EOS, EOS, 1])
+    assert req.output_token_ids == [EOS, EOS, EOS]
+    assert req.status.finish_reason == "length"
+
+
+def test_stop_token_ids_stop_even_with_ignore_eos() -> None:
+    req = generate(make_request("a", 5, max_tokens=10, stop_token_ids=[42], ignore_eos=True),
+                   [10, 42, 11])
+    assert req.output_token_ids == [10, 42]
+    assert req.status.finish_reason == "stop"
+    assert req.stop_reason == 42
+
+
+def test_min_tokens_suppresses_stops() -> None:
+    req = generate(make_request("a", 5, max_tokens=10, min_tokens=3, stop_token_ids=[42]),
+                   [EOS, 42, 10, 42, 11])
+    assert req.output_token_ids == [EOS, 42, 10, 42]
+    assert req.status.finish_reason == "stop" and req.stop_reason == 42
+
+
+def test_a_stop_token_may_be_the_min_tokens_th_token() -> None:
+    req = generate(make_request("a", 5, max_tokens=10, min_tokens=3), [EOS, 10, EOS, 11])
+    assert req.output_token_ids == [EOS, 10, EOS]
+    assert req.status.finish_reason == "stop"
+
+
+def test_max_tokens_wins_over_eos_on_the_same_token() -> None:
+    req = generate(make_request("a", 5, max_tokens=2), [10, EOS])
+    assert req.status.finish_reason == "length"
+
+
+def test_reaching_max_model_len_finishes_with_length() -> None:
+    req = generate(make_request("a", 16, max_tokens=None), [10] * 10, max_model_len=20)
+    assert req.output_token_ids == [10] * 4
+    assert req.num_tokens == 20
+    assert req.status.finish_reason == "length"
+
+
+def test_prompt_longer_than_max_model_len_is_refused() -> None:
+    sched = make_scheduler(max_model_len=32)
+    with pytest.raises(ValueError, match=r"length 33\).*maximum model length of 32"):
+        sched.add_request(make_request("a", 33))
+    sched.add_request(make_request("b", 32))  # exactly max_model_len is allowed
+    assert sched.num_unfinished == 1
+
+
+# -- abort ---------------------------------------------------------------------------------
+
+
+def test_finish_aborts_running_and_waiting_requests_and_frees_blocks() -> None:
+    sched = make_scheduler(max_num_seqs=1, block_size=4, num_blocks=16)
+    a, b = make_request("a", 10), make_request("b", 10)
+    add_all(sched, [a, b])
+    step(sched)
+    assert sched.kv_cache.block_ids("a") == [0, 1, 2]
+    assert [r.request_id for r in sched.waiting] == ["b"]
+    sched.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert not sched.waiting and b.status.finish_reason == "abort"
+    sched.finish(a, RequestStatus.FINISHED_ABORTED)
+    assert not sched.running and a.status.finish_reason == "abort"
+    assert sched.kv_cache.block_ids("a") == []
+    assert_pool_whole(sched)
+    sched.finish(a, RequestStatus.FINISHED_STOPPED)  # finishing twice changes nothing
+    assert a.status is RequestStatus.FINISHED_ABORTED
+    assert sched.schedule().is_empty
+
+
+def test_finish_all_aborts_mid_prompt() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16)
+    reqs = [make_request(x, 30) for x in "abc"]
+    add_all(sched, reqs)
+    step(sched)
+    sched.finish_all(reqs, RequestStatus.FINISHED_ABORTED)
+    assert sched.num_unfinished == 0
+    assert_pool_whole(sched)
+
+
+# -- n > 1 samples -------------------------------------------------------------------------
+
+
+def test_samples_wait_for_the_first_prompt_then_hit_its_blocks() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16, block_size=16)
+    first = make_request("s0", 40, first=0, max_tokens=3)
+    others = [make_request(f"s{i}", 40, first=0, wait_for=first, max_tokens=3)
+              for i in (1, 2)]
+    add_all(sched, [first, *others])
+    assert plan(step(sched)) == [("s0", 16)]  # samples are not admitted with the prompt's chunks
+    assert plan(step(sched)) == [("s0", 16)]
+    assert plan(step(sched)) == [("s0", 8)]
+    assert first.num_computed_tokens == 40
+    # Now the two full blocks are cached: each sample computes the last 8 prompt tokens only.
+    out = step(sched)
+    assert plan(out) == [("s0", 1), ("s1", 8), ("s2", 7)]
+    blocks = {s.request.request_id: s.block_ids for s in out.scheduled}
+    assert blocks["s1"][:2] == blocks["s0"][:2] == blocks["s2"][:2]
+    assert len({blocks[x][2] for x in ("s0", "s1", "s2")}) == 3  # partial blocks: private
+    assert [r.num_cached_tokens for r in others] == [32, 32]
+    run_to_completion(sched)
+    assert_pool_whole(sched)
+
+
+def test_a_waiting_sample_does_not_block_others() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16)
+    first = make_request("s0", 30, first=0)
+    sample = make_request("s1", 30, first=0, wait_for=first)
+    other = make_request("x", 4)
+    add_all(sched, [first, sample, other])
+    step(sched)  # s0 takes the whole budget
+    assert plan(step(sched)) == [("s0", 14), ("x", 2)]
+    assert [r.request_id for r in sched.waiting] == ["s1"]  # still first in line
+
+
+def test_sample_of_an_aborted_request_runs_alone() -> None:
+    sched = make_scheduler()
+    first = make_request("s0", 10, first=0)
+    sample = make_request("s1", 10, first=0, wait_for=first, max_tokens=2)
+    add_all(sched, [first, sample])
+    sched.finish(first, RequestStatus.FINISHED_ABORTED)
+    assert plan(step(sched)) == [("s1", 10)]
+
+
+# -- logging -------------------------------------------------------------------------------
+
+
+def test_debug_line_per_step(caplog: pytest.LogCaptureFixture) -> None:
+    sched = make_scheduler(max_num_batched_tokens=16)
+    add_all(sched, [make_request("a", 4, max_tokens=5), make_request("b", 30)])
+    with caplog.at_level(logging.DEBUG, logger="pagedllm.core.scheduler"):
+        step(sched)
+        step(sched)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pagedllm.core.scheduler"]
+    assert lines == [
+        "step: 2 seqs, 16 tokens (2 new prompts, 0 prompt chunks, 0 decodes), "
+        "2 running, 0 waiting",
+        "step: 2 seqs, 16 tokens (0 new prompts, 1 prompt chunks, 1 decodes), "
+        "2 running, 0 waiting",
+    ]
+
+
+# -- randomized stress ---------------------------------------------------------------------
+
+
+def check_invariants(sched: Scheduler, out: SchedulerOutput,
+                     live: list[Request]) -> None:
+    cfg, kv = sched.config, sched.kv_cache
+    assert out.total_num_tokens <= cfg.max_num_batched_tokens
+    assert len(out.scheduled) <= cfg.max_num_seqs
+    assert len(sched.running) <= cfg.max_num_seqs
+    assert len({id(s.request) for s in out.scheduled}) == len(out.scheduled)
+    for s in out.scheduled:
+        req = s.request
+        assert s.num_new_tokens >= 1
+        assert req.num_computed_tokens + s.num_new_tokens <= req.num_tokens
+        assert len(s.block_ids) == -(-(req.num_computed_tokens + s.num_new_tokens)
+                                     // kv.block_size)
+    # Every held block is referenced exactly once per holder, and nothing else is held.
+    holders: dict[int, int] = {}
+    for req in live:
+        for block_id in kv.block_ids(req.request_id):
+            holders[block_id] = holders.get(block_id, 0) + 1
+    for block in kv.pool.blocks:
+        assert block.ref_cnt == holders.get(block.block_id, 0)
+    assert kv.num_free_blocks == kv.pool.num_blocks - len(holders)
+    if not kv.enable_caching:
+        assert sum(len(kv.block_ids(r.request_id)) for r in live) == len(holders)
+
+
+def write_and_read_kv(kv_store: dict[int, list[tuple[int, ...] | None]], out: SchedulerOutput,
+                      block_size: int) -> None:
+    """A fake model: a token's K/V depends on it and every token before it, so each slot gets
+    the token's whole prefix. Writes every scheduled token's slot, then checks that every
+    scheduled request reads its own prefixes in all its slots (prefix-cache hits included)."""
+    for s in out.scheduled:
+        req = s.request
+        start = req.num_computed_tokens
+        for pos in range(start, start + s.num_new_tokens):
+            slots = kv_store.setdefault(s.block_ids[pos // block_size], [None] * block_size)
+            slots[pos % block_size] = tuple(req.token_ids(0, pos + 1))
+    for s in out.scheduled:
+        req = s.request
+        end = req.num_computed_tokens + s.num_new_tokens
+        for pos in range(end):
+            seen = kv_store[s.block_ids[pos // block_size]][pos % block_size]
+            assert seen == tuple(req.token_ids(0, pos + 1)), \
+                f"{req.request_id} reads wrong KV at position {pos}"
+
+
+@pytest.mark.parametrize(("chunked", "caching", "seed"),
+                         [(True, True, 0), (True, False, 1), (False, True, 2),
+                          (False, False, 3), (True, True, 4)])
+def test_randomized_stress(chunked: bool, caching: bool, seed: int) -> None:
+    rng = random.Random(seed)
+    block_size, max_model_len = 4, 48
+    sched = make_scheduler(num_blocks=20, block_size=block_size, max_num_seqs=6,
+                           max_num_batched_tokens=48, max_model_len=max_model_len,
+                           chunked=chunked, caching=caching)
+    prefixes = [[rng.randrange(3, 50) for _ in range(12)] for _ in range(3)]
+    pieces = [[rng.randrange(3, 50) for _ in range(block_size)] for _ in range(2)]
+    live: list[Request] = []
+    kv_store: dict[int, list[tuple[int, ...] | None]] = {}
+    num_added, num_steps = 0, 0
+    while num_added < 120 or sched.num_unfinished:
+        if num_added < 120 and rng.random() < 0.5:
+            prompt_len = rng.randint(1, max_model_len)
+            kind = rng.random()
+            if kind < 0.4:  # a shared prefix, then anything
+                prompt = [*rng.choice(prefixes), *[rng.randrange(3, 50) for _ in range(40)]]
+            elif kind < 0.7:  # equal blocks after different prefixes: chained hashes tell apart
+                prompt = [t for _ in range(12) for t in rng.choice(pieces)]
+            else:
+                prompt = [rng.randrange(3, 50) for _ in range(48)]
+            params = SamplingParams(max_tokens=rng.choice([None, 1, 3, 10, 30]),
+                                    min_tokens=rng.choice([0, 0, 1]))
+            params.all_stop_token_ids = {EOS}
+            first = Request(f"r{num_added}", prompt[:prompt_len], params)
+            group = [first] + [Request(f"r{num_added}-{i}", first.prompt_token_ids, params,
+                                       wait_for=first)
+                               for i in range(1, rng.choice([1, 1, 1, 2, 3]))]
+            add_all(sched, group)
+            live.extend(group)
+            num_added += 1
+        if live and rng.random() < 0.05:
+            victim = rng.choice(live)
+            sched.finish(victim, RequestStatus.FINISHED_ABORTED)
+        out = sched.schedule()
+        check_invariants(sched, out, live)
+        write_and_read_kv(kv_store, out, block_size)
+        sampled = {s.request.request_id: rng.choice([EOS, 5, 6, 7, 8, 9, 10, 11])
+                   for s in out.scheduled if s.samples}
+        sched.update_from_output(out, sampled)
+        for req in live:
+            assert req.num_computed_tokens <= req.num_tokens
+            # A prompt of max_model_len tokens may sample one token that is never computed.
+            assert req.num_computed_tokens <= max_model_len
+            assert req.num_tokens <= max(max_model_len, req.num_prompt_tokens + 1)
+            if req.status is RequestStatus.RUNNING:
+                # Blocks cover exactly the computed tokens between steps.
+                assert len(sched.kv_cache.block_ids(req.request_id)) == \
+                    -(-req.num_computed_tokens // block_size)
+            else:
+                assert sched.kv_cache.block_ids(req.request_id) == []
+        live = [r for r in live if not r.is_finished]
+        num_steps += 1
+        assert num_steps < 5000, "the scheduler made no progress"
+    assert_pool_whole(sched)
+    assert sched.kv_cache.usage == 0.0
+    assert sched.num_preemptions > 0  # the pool is small enough to force some
+    if caching:
+        assert sched.kv_cache.prefix_cache_hits > 0
