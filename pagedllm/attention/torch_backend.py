@@ -75,49 +75,56 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
 @dataclass
 class _TorchStepData:
     decode_rows: torch.Tensor  # [num_decodes] query rows of single-token requests
-    decode_slots: torch.Tensor  # [num_decodes, max_decode_len] gathered slots (pad -> 0)
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_decode_len] bool
-    chunks: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (start, end, slots, mask)
+    decode_blocks: torch.Tensor  # [num_decodes * max_blocks] block ids, row-major (pad -> 0)
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    chunks: list[tuple[int, int, torch.Tensor, int, torch.Tensor]]  # start, end, blocks, len, mask
 
 
 class TorchAttentionBackend(AttentionBackend):
+    """Gathers K/V a whole block at a time (``index_select`` of contiguous blocks, far cheaper
+    than one index per token) and attends with SDPA."""
+
     name = "torch"
 
     def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
         device = metadata.block_tables.device
         starts = metadata.query_starts_cpu
-        decodes: list[tuple[int, torch.Tensor]] = []
+        decodes: list[tuple[int, int]] = []
         chunks = []
         for r, seq_len in enumerate(metadata.seq_lens_cpu):
             start, end = starts[r], starts[r + 1]
-            slots = context_slots(metadata.block_tables[r], seq_len, block_size)
             if end - start == 1:
-                decodes.append((start, slots))
-            else:
-                chunks.append((start, end, slots, _causal_mask(end - start, seq_len, device)))
-        longest = max((len(s) for _, s in decodes), default=0)
-        decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long, device=device)
-        decode_mask = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.bool, device=device)
-        for i, (_, slots) in enumerate(decodes):
-            decode_slots[i, :len(slots)] = slots
-            decode_mask[i, ..., :len(slots)] = True
-        rows = torch.tensor([row for row, _ in decodes], dtype=torch.long, device=device)
-        metadata.backend_data = _TorchStepData(rows, decode_slots, decode_mask, chunks)
+                decodes.append((r, start))
+                continue
+            blocks = metadata.block_tables[r, :-(-seq_len // block_size)].long()
+            chunks.append((start, end, blocks, seq_len,
+                           _causal_mask(end - start, seq_len, device)))
+        reqs = torch.tensor([r for r, _ in decodes], dtype=torch.long, device=device)
+        seq_lens = metadata.seq_lens[reqs].long()
+        width = -(-max((metadata.seq_lens_cpu[r] for r, _ in decodes), default=0) // block_size)
+        blocks = metadata.block_tables[reqs, :width].long()
+        positions = torch.arange(width * block_size, device=device)
+        mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+        rows = torch.tensor([row for _, row in decodes], dtype=torch.long, device=device)
+        metadata.backend_data = _TorchStepData(rows, blocks.flatten(), mask, chunks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         data: _TorchStepData = metadata.backend_data
-        flat = kv_cache.flatten(1, 2)  # [2, num_slots, Hkv, D]
+        _, _, block_size, kv_heads, head_dim = kv_cache.shape
         out = torch.empty_like(q)
-        if len(data.decode_rows):
-            kd = flat[0][data.decode_slots]  # [num_decodes, max_len, Hkv, D]
-            vd = flat[1][data.decode_slots]
+        num_decodes = len(data.decode_rows)
+        if num_decodes:
+            kd = kv_cache[0].index_select(0, data.decode_blocks).view(
+                num_decodes, -1, kv_heads, head_dim)  # [num_decodes, width * bs, Hkv, D]
+            vd = kv_cache[1].index_select(0, data.decode_blocks).view_as(kd)
             qd = q[data.decode_rows][:, None]  # [num_decodes, 1, H, D]
             out[data.decode_rows] = _sdpa(qd, kd, vd, data.decode_mask, scale)[:, 0]
-        for start, end, slots, mask in data.chunks:
-            o = _sdpa(q[None, start:end], flat[0, slots][None], flat[1, slots][None],
-                      mask[None, None], scale)
-            out[start:end] = o[0]
+        for start, end, blocks, seq_len, mask in data.chunks:
+            kc = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
+            vc = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+            out[start:end] = _sdpa(q[None, start:end], kc[None], vc[None], mask[None, None],
+                                   scale)[0]
         return out
