@@ -68,10 +68,12 @@ class Request:
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""
-        prompt = self.prompt_token_ids
-        if end <= len(prompt):
+        prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
+        if end <= n:
             return prompt[start:end]
-        return (prompt + self.output_token_ids)[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return prompt[start:] + self.output_token_ids[:end - n]
 
     @property
     def is_finished(self) -> bool:

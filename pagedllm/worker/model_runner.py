@@ -8,8 +8,10 @@ turned into logits (plus the prompt rows of requests asking for prompt logprobs)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,33 +110,36 @@ class ModelRunner:
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flattens the step on the host with numpy (no per-token Python loop but the token
+        ids) and copies each array to the device once."""
         bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        starts, seq_lens, query_lens = [0], [], []
-        for s in scheduled:
-            start = s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            ids += s.request.token_ids(start, end)
-            pos += range(start, end)
-            slots += [s.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-            starts.append(starts[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            query_lens.append(s.num_new_tokens)
-        width = max(len(s.block_ids) for s in scheduled)
-        table = [s.block_ids + [0] * (width - len(s.block_ids)) for s in scheduled]
-        dev = self.device
+        query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64,
+                                 len(scheduled))
+        computed = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64,
+                               len(scheduled))
+        seq_lens = computed + query_lens
+        table = np.zeros((len(scheduled), max(len(s.block_ids) for s in scheduled)), np.int32)
+        for i, s in enumerate(scheduled):
+            table[i, :len(s.block_ids)] = s.block_ids
+        starts = np.zeros(len(scheduled) + 1, np.int64)
+        np.cumsum(query_lens, out=starts[1:])
+        owner = np.repeat(np.arange(len(scheduled)), query_lens)  # request of each token
+        positions = np.arange(starts[-1]) - starts[owner] + computed[owner]
+        slots = table[owner, positions // bs].astype(np.int64) * bs + positions % bs
+        ids = np.fromiter(itertools.chain.from_iterable(
+            s.request.token_ids(c, c + s.num_new_tokens) for s, c in zip(scheduled, computed)),
+            np.int64, int(starts[-1]))
+
+        def dev(a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.from_numpy(a).to(self.device, dtype)
+
         metadata = AttentionMetadata(
-            num_tokens=len(ids),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev), metadata)
+            num_tokens=int(starts[-1]), slot_mapping=dev(slots),
+            query_start_loc=dev(starts, torch.int32), seq_lens=dev(seq_lens, torch.int32),
+            block_tables=dev(table, torch.int32), max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()), query_lens_cpu=query_lens.tolist(),
+            seq_lens_cpu=seq_lens.tolist())
+        return dev(ids), dev(positions), metadata
 
     def _sample(self, logits: torch.Tensor, scheduled: list[ScheduledRequest],
                 out: ModelRunnerOutput) -> None:

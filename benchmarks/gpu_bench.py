@@ -1,0 +1,206 @@
+"""GPU throughput and latency against the bandwidth roofline and transformers (run on a GPU).
+
+    python benchmarks/gpu_bench.py [--quick] [--skip-transformers]
+
+Random weights (``--load-format dummy``) of the configs in benchmarks/configs, bf16. Workloads:
+nano-vllm's (256 sequences, input and output uniform in [100, 1024], ignore_eos) on Qwen3-0.6B and
+Llama-3.2-1B shapes; 500 requests of about 200 input / 180 output tokens on Llama-3.1-8B; batch-1
+decode step time; transformers' batched generate on the Qwen3-0.6B workload. The roofline of a
+workload is the time to read, at every decode step, the weights plus the KV cache of the
+running requests, at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.benchmarks.throughput import Workload, run_pagedllm, run_transformers
+from pagedllm.worker import memory
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+
+
+@dataclass
+class Row:
+    name: str
+    measured: float
+    unit: str
+    roofline: float | None = None
+    target: str = ""
+
+    def line(self) -> str:
+        ratio = f"{self.measured / self.roofline:6.2f}" if self.roofline else "      "
+        roof = f"{self.roofline:12.1f}" if self.roofline else " " * 12
+        return (f"{self.name:<46} {self.measured:12.1f} {self.unit:<6} {roof} {ratio}  "
+                f"{self.target}")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 5."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        y.copy_(x)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * x.numel() / sorted(times[1:])[2]
+
+
+def nano_vllm_workload(n: int = 256, seed: int = 0, vocab: int = 10000) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(100, 1024) for _ in range(n)])
+
+
+def sharegpt_like_workload(n: int = 500, seed: int = 0, vocab: int = 10000) -> Workload:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(150, 250))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(135, 225) for _ in range(n)])
+
+
+def roofline_tokens_per_s(llm: LLM, workload: Workload, max_num_seqs: int, bw: float) -> float:
+    """Output tokens/s if every decode step only read the weights and the live KV cache:
+    simulate the decode steps (requests start together, max_num_seqs at a time)."""
+    arch = llm.engine.runner.arch
+    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    kv_tok = memory.kv_bytes_per_token(arch, llm.engine.runner.dtype)
+    pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
+    running: list[list[int]] = []
+    seconds, tokens = 0.0, 0
+    while pending or running:
+        while pending and len(running) < max_num_seqs:
+            p, o = pending.pop()
+            running.append([p, o])
+        seconds += (weights + kv_tok * sum(r[0] for r in running)) / bw
+        tokens += len(running)
+        for r in running:
+            r[0] += 1
+            r[1] -= 1
+        running = [r for r in running if r[1] > 0]
+    return tokens / seconds
+
+
+def make_llm(config: str, **kwargs) -> LLM:
+    return LLM(os.path.join(CONFIGS, config), load_format="dummy", dtype="bfloat16", **kwargs)
+
+
+def throughput_row(config: str, workload: Workload, bw: float, target: str,
+                   max_num_seqs: int = 256) -> tuple[Row, LLM]:
+    llm = make_llm(config, max_num_seqs=max_num_seqs, max_model_len=4096)
+    run_pagedllm(llm, Workload(workload.prompts[:4], [8] * 4), "warm-up")
+    result = run_pagedllm(llm, workload)
+    roof = roofline_tokens_per_s(llm, workload, max_num_seqs, bw)
+    return Row(f"{config}: {len(workload.prompts)} reqs throughput",
+               result.output_tokens_per_s, "tok/s", roof, target), llm
+
+
+def batch1_row(config: str, bw: float, target: str) -> Row:
+    llm = make_llm(config, max_num_seqs=8, max_model_len=4096)
+    prompt = [list(range(100, 228))]
+    run_pagedllm(llm, Workload(prompt, [16]), "warm-up")
+    n = 256
+    t = run_pagedllm(llm, Workload(prompt, [n]), "batch-1").seconds
+    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    kv = memory.kv_bytes_per_token(llm.engine.runner.arch, torch.bfloat16) * (128 + n / 2)
+    step_ms = 1000 * t / n  # includes the prefill of 128 tokens, amortized
+    roof_ms = 1000 * (weights + kv) / bw
+    release(llm)
+    return Row(f"{config}: batch-1 decode step", step_ms, "ms", roof_ms, target)
+
+
+def profile_decode(config: str, batch: int, steps: int = 20) -> None:
+    """cProfile of decode steps at a given batch size: where the host time goes."""
+    import cProfile
+    import pstats
+
+    llm = make_llm(config, max_num_seqs=max(batch, 8), max_model_len=4096)
+    params = SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True)
+    engine = llm.engine
+    for i in range(batch):
+        engine.add_request(f"p{i}", list(range(100, 356)), params)
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    ms = 1000 * (time.perf_counter() - start) / steps
+    print(f"\n== {config} decode batch {batch}: {ms:.2f} ms/step ==")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    release(llm)
+
+
+def release(llm: LLM) -> None:
+    del llm.engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller workloads")
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile host time of decode steps")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.profile:
+        profile_decode("llama-3.2-1b", 1)
+        profile_decode("qwen3-0.6b", 256)
+        return
+    bw = copy_bandwidth()
+    n_nano, n_8b = (64, 100) if args.quick else (256, 500)
+    rows = [Row("device copy bandwidth", bw / 1e9, "GB/s")]
+    nano = nano_vllm_workload(n_nano)
+    row, llm = throughput_row("qwen3-0.6b", nano, bw, ">= 15,000 tok/s")
+    rows.append(row)
+    release(llm)
+    if not args.skip_transformers:
+        rows.append(transformers_row("qwen3-0.6b", nano, row.measured))
+    row, llm = throughput_row("llama-3.2-1b", nano_vllm_workload(n_nano, seed=1), bw,
+                              ">= 25,000 tok/s")
+    rows.append(row)
+    release(llm)
+    row, llm = throughput_row("llama-3.1-8b", sharegpt_like_workload(n_8b), bw,
+                              ">= 6,500 tok/s")
+    rows.append(row)
+    release(llm)
+    rows.append(batch1_row("llama-3.2-1b", bw, "<= 1.3x roofline (0.82 ms)"))
+    rows.append(batch1_row("llama-3.1-8b", bw, "<= 1.3x roofline (5.0 ms)"))
+    print(f"\n{'measurement':<46} {'value':>12} {'unit':<6} {'roofline':>12} {'ratio':>6}  target")
+    for r in rows:
+        print(r.line())
+
+
+def transformers_row(config: str, workload: Workload, pagedllm_tps: float) -> Row:
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(os.path.join(CONFIGS, config))
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    result = run_transformers(model, workload, batch_size=len(workload.prompts))
+    del model
+    torch.cuda.empty_cache()
+    return Row(f"{config}: transformers generate (batch {len(workload.prompts)})",
+               result.output_tokens_per_s, "tok/s", None,
+               f"pagedllm / transformers = {pagedllm_tps / result.output_tokens_per_s:.1f}x "
+               "(target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The one-call GPU check: on a GPU machine with only this repo and pagedllm's Python packages,
+# run the GPU tests (kernels vs. the torch reference, engine vs. transformers on random weights),
+# then the GPU benchmarks, printing a short table last. Under 10 minutes on an H100.
+#   bash scripts/gpu_check.sh [--quick]
+# Packages missing there can travel as wheels in .whl/ (../shared/device/wheels.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+status=0
+python3 -m pytest -q -p no:cacheprovider tests/kernels tests/gpu 2>&1 | tail -n 25 || status=1
+python3 benchmarks/gpu_bench.py "$@" 2>&1 | grep -v "Processed prompts" || status=1
+exit $status
