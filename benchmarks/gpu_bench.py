@@ -142,6 +142,7 @@ def profile_decode(config: str, batch: int, steps: int = 20) -> None:
     ms = 1000 * (time.perf_counter() - start) / steps
     print(f"\n== {config} decode batch {batch}: {ms:.2f} ms/step ==")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    del engine
     release(llm)
 
 

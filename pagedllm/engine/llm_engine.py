@@ -75,7 +75,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         """Validates and queues a request; raises ValueError with a clear message if bad."""
-        if request_id in self._children:
+        if request_id in self._children or request_id in self._parent:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
@@ -109,6 +109,9 @@ class LLMEngine:
             if params.seed is not None:
                 child_params.seed = params.seed + i
             child_id = f"{request_id}-{i}"
+            if child_id in self._parent or child_id in self._children:
+                raise ValueError(f"request id {request_id!r} with n={params.n} would reuse the "
+                                 f"id {child_id!r} of a request in progress")
             first = children[0] if children else None
             children.append(Request(child_id, token_ids, child_params, arrival, wait_for=first))
             self._parent[child_id] = (request_id, i)

@@ -88,16 +88,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         input_ids, positions, metadata = self._prepare_inputs(sched.scheduled)
+        starts = metadata.query_starts_cpu
+        sampling = [(s, starts[i + 1] - 1) for i, s in enumerate(sched.scheduled) if s.samples]
+        requests = [s.request for s, _ in sampling]
+        # Host-to-device copies before the forward is queued, so none of them waits for it.
+        if sampling:
+            rows = torch.tensor([row for _, row in sampling], device=self.device)
+            tensors = self._sampling_tensors(requests, self.arch.vocab_size)
         if self.graphs is not None and self.graphs.can_run(metadata):
             hidden = self.graphs.run(input_ids, positions, metadata)
         else:
             hidden = self.forward(input_ids, positions, metadata)
         out = ModelRunnerOutput()
-        starts = metadata.query_starts_cpu
-        sampling = [(s, starts[i + 1] - 1) for i, s in enumerate(sched.scheduled) if s.samples]
         if sampling:
-            rows = torch.tensor([row for _, row in sampling], device=self.device)
-            self._sample(self.model.compute_logits(hidden[rows]), [s for s, _ in sampling], out)
+            self._sample(self.model.compute_logits(hidden[rows]), requests, tensors, out)
         self._prompt_logprobs(sched.scheduled, hidden, metadata, out)
         return out
 
@@ -141,10 +145,9 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist())
         return dev(ids), dev(positions), metadata
 
-    def _sample(self, logits: torch.Tensor, scheduled: list[ScheduledRequest],
+    def _sample(self, logits: torch.Tensor, requests: list[Request], tensors: SamplingTensors,
                 out: ModelRunnerOutput) -> None:
-        requests = [s.request for s in scheduled]
-        result = self.sampler(logits, self._sampling_tensors(requests, logits.shape[-1]))
+        result = self.sampler(logits, tensors)
         token_ids = result.token_ids.tolist()
         for req, token in zip(requests, token_ids):
             out.sampled[req.request_id] = token

@@ -53,8 +53,8 @@ def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("chunk", [None, 64])
-def test_greedy_fp32_matches_transformers(model_dir, chunk):
+@pytest.mark.parametrize("chunk,eager", [(None, False), (None, True), (64, False)])
+def test_greedy_fp32_matches_transformers(model_dir, chunk, eager):
     import transformers
 
     from pagedllm import LLM, SamplingParams
@@ -62,13 +62,18 @@ def test_greedy_fp32_matches_transformers(model_dir, chunk):
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf = hf.cuda().eval()
     llm = LLM(str(model_dir), dtype="float32", kv_cache_memory_bytes=256 * 2**20,
-              max_num_batched_tokens=chunk,
+              max_num_batched_tokens=chunk, enforce_eager=eager,
               max_num_seqs=8 if chunk else 256)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = llm.generate(_prompts(), params, use_tqdm=False)
+    mismatches = []
     with torch.no_grad():
         for prompt, out in zip(_prompts(), outs):
-            assert out.outputs[0].token_ids == _hf_greedy(hf, prompt, 24)
+            got, want = out.outputs[0].token_ids, _hf_greedy(hf, prompt, 24)
+            if got != want:
+                first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+                mismatches.append((len(prompt), first))
+    assert not mismatches, f"(prompt length, first differing output) {mismatches}"
     kv = llm.engine.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks
 

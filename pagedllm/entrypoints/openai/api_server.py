@@ -1,0 +1,162 @@
+"""``pagedllm serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over ``AsyncLLM``.
+
+Engine flags come from the config dataclasses (``add_engine_args``); this module adds only the
+server's own. ``build_app`` wires an engine to a FastAPI app; ``main`` builds the engine, then
+serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Awaitable
+
+import prometheus_client
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm import __version__
+from pagedllm.config import add_engine_args, engine_kwargs_from_args
+from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.entrypoints.openai.auth import APIKeyMiddleware
+from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers, to_api_error
+from pagedllm.entrypoints.openai.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagedllm.entrypoints.openai.protocol_chat import ChatCompletionRequest, ChatMessage
+from pagedllm.entrypoints.openai.protocol_completion import CompletionRequest
+from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedllm.entrypoints.openai.streaming import ClientDisconnected
+from pagedllm.metrics.prometheus import CONTENT_TYPE, PrometheusStatLogger
+
+logger = logging.getLogger(__name__)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    add_engine_args(parser)
+    server = parser.add_argument_group("Server")
+    server.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    server.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    server.add_argument("--api-key", default=None,
+                        help="Require 'Authorization: Bearer <key>' on every endpoint but "
+                             "/health, /metrics and /version. Default: $PAGEDLLM_API_KEY.")
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    server.add_argument("--disable-uvicorn-access-log", action="store_true",
+                        help="Do not log one line per HTTP request.")
+    server.add_argument("--disable-log-stats", action="store_true",
+                        help="Do not print the periodic throughput / cache log line.")
+
+
+async def _answer(work: Awaitable[Response]) -> Response:
+    """Any failure as an OpenAI error response; the server keeps serving."""
+    try:
+        return await work
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it
+    except Exception as e:
+        return to_api_error(e).response()
+
+
+def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
+    """The routes over ``engine``, with a Prometheus registry of this app's own."""
+    app = FastAPI(title="pagedllm", version=__version__)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    names = [engine.model_name]
+    completion = OpenAIServingCompletion(engine, names)
+    chat = OpenAIServingChat(engine, names)
+    cfg = engine.engine.config
+    metrics = PrometheusStatLogger(engine.model_name, cfg.scheduler.max_num_seqs,
+                                   cfg.scheduler.max_num_batched_tokens or 8192)
+    engine.add_stat_logger(metrics)
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest, raw: Request) -> Response:
+        return await _answer(completion.create(request, raw))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await _answer(chat.create(request, raw))
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=engine.max_model_len)
+                               for name in names])
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            engine.check_health()
+        except Exception as e:
+            return error_response(str(e), 503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> Response:
+        async def work() -> Response:
+            completion.model_name(request.model)
+            if request.messages is not None:
+                chat_request = ChatCompletionRequest(
+                    messages=[ChatMessage.model_validate(m) for m in request.messages],
+                    add_generation_prompt=request.add_generation_prompt)
+                tokens = chat.render(chat_request)
+            else:
+                tokens = completion.tokenizer.encode(
+                    request.prompt or "", add_special_tokens=request.add_special_tokens)
+            body = TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len,
+                                    tokens=list(tokens))
+            return JSONResponse(body.model_dump())
+
+        return await _answer(work())
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        async def work() -> Response:
+            completion.model_name(request.model)
+            completion.check_prompt(request.tokens, "tokens")
+            text = completion.tokenizer.decode(request.tokens, skip_special_tokens=False)
+            return JSONResponse(DetokenizeResponse(prompt=text).model_dump())
+
+        return await _answer(work())
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    prometheus_client.disable_created_metrics()  # no *_created series next to every metric
+    kwargs = engine_kwargs_from_args(args)
+    logger.info("Starting the engine: %s", kwargs or "defaults")
+    engine = AsyncLLM.from_engine_args(log_stats=not args.disable_log_stats, **kwargs)
+    logger.info("Engine ready in %.1f s: model %s, max_model_len %d", time.monotonic() - start,
+                engine.model_name, engine.max_model_len)
+    app = build_app(engine, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY"))
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level=args.uvicorn_log_level,
+                            access_log=not args.disable_uvicorn_access_log)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.shutdown()
+    return 0

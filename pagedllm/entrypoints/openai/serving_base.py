@@ -1,0 +1,90 @@
+"""What the completion and chat endpoints share: model check, prompt checks, request groups."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pagedllm.engine.async_llm import AsyncLLM, OutputStream
+from pagedllm.entrypoints.openai.errors import APIError, ModelNotFound
+from pagedllm.entrypoints.openai.logprobs import LogprobFormatter
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]) -> None:
+        self.engine = engine
+        self.served_model_names = list(served_model_names)
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.logprobs = LogprobFormatter(self.tokenizer)
+
+    def model_name(self, requested: str | None) -> str:
+        """The name to report; 404 for a model this server does not serve."""
+        if requested is None or requested == "":
+            return self.served_model_names[0]
+        if requested not in self.served_model_names:
+            raise ModelNotFound(requested)
+        return requested
+
+    def max_logprobs(self) -> int:
+        return int(self.engine.engine.config.model.max_logprobs)
+
+    def check_prompt(self, token_ids: Sequence[int], param: str) -> None:
+        if not token_ids:
+            raise APIError("The prompt is empty: at least one token is needed.", param=param)
+        vocab = int(getattr(self.tokenizer, "vocab_size", 0) or 0)
+        if vocab and not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            bad = next(t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab))
+            raise APIError(f"Token id {bad} is out of vocabulary (vocab size {vocab}).",
+                           param=param)
+
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, param: str) -> int | None:
+        """``max_tokens``, defaulted to the room left in the context; 400 if it does not fit.
+
+        A non-positive value is passed through for ``SamplingParams`` to refuse by name.
+        """
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {prompt_len} input tokens, which leaves no room for the completion. "
+                "Please reduce the length of the input.", param=param,
+                code="context_length_exceeded")
+        room = limit - prompt_len
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the input, {max_tokens} in "
+                "the completion). Please reduce the length of the input or the completion.",
+                param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def check_logprobs(self, value: int | None, param: str) -> None:
+        if value is not None and value > self.max_logprobs():
+            raise APIError(f"Requested {param} of {value}, which is greater than the maximum "
+                           f"allowed: {self.max_logprobs()}.", param=param)
+
+    async def add(self, request_id: str, prompts: Sequence[list[int]],
+                  params: Sequence[SamplingParams]) -> OutputStream:
+        """Adds one engine request per prompt (``{request_id}-{i}``); all or none."""
+        return await self.engine.add_requests(
+            [(f"{request_id}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params,
+                                                                          strict=True))])
+
+    @staticmethod
+    def prompt_index(out: RequestOutput) -> int:
+        return int(out.request_id.rsplit("-", 1)[1])
+
+    @staticmethod
+    def check_stream_options(request: Any) -> None:
+        try:
+            request.check_stream_options()
+        except ValueError as e:
+            raise APIError(str(e), param="stream_options") from None

@@ -1,0 +1,142 @@
+"""``POST /v1/chat/completions``: messages -> chat template -> one engine request (n samples).
+
+Streaming sends each choice's ``role: assistant`` chunk first, then content deltas; a choice's
+``finish_reason`` rides on its last chunk only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pagedllm.engine.async_llm import OutputStream
+from pagedllm.entrypoints.openai.errors import APIError
+from pagedllm.entrypoints.openai.logprobs import ChatLogprobs
+from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
+from pagedllm.entrypoints.openai.protocol_chat import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
+from pagedllm.entrypoints.openai.serving_base import OpenAIServing
+from pagedllm.entrypoints.openai.streaming import SSEResponse, sse_stream, until_disconnected
+from pagedllm.outputs import CompletionOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
+        model = self.model_name(request.model)
+        self._check(request)
+        token_ids = self.render(request)
+        params = self._params(request, token_ids)
+        request_id = random_id("chatcmpl")
+        stream = await self.add(request_id, [token_ids], [params])
+        job = _ChatJob(self, request, request_id, model)
+        if request.stream:
+            return SSEResponse(sse_stream(job.chunks(stream)), on_close=stream.close)
+        try:
+            response = await until_disconnected(raw, job.response(stream))
+        finally:
+            stream.close()
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    def render(self, request: ChatCompletionRequest) -> list[int]:
+        """The conversation through the chat template, as token ids."""
+        if not request.messages:
+            raise APIError("messages must not be empty.", param="messages")
+        try:
+            messages = [m.for_template() for m in request.messages]
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=request.add_generation_prompt)
+        except Exception as e:  # a template's raise_exception(), a missing template
+            raise APIError(f"The chat template could not render the messages: {e}",
+                           param="messages") from None
+        # The template writes the special tokens (BOS included) itself.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _check(self, request: ChatCompletionRequest) -> None:
+        self.check_stream_options(request)
+        if request.tools:
+            raise APIError("tools are not supported.", param="tools")
+        fmt = (request.response_format or {}).get("type", "text")
+        if fmt != "text":
+            raise APIError(f"response_format {fmt!r} is not supported.", param="response_format")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        self.check_logprobs(request.top_logprobs, "top_logprobs")
+        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+
+    def _params(self, request: ChatCompletionRequest, token_ids: list[int]) -> SamplingParams:
+        self.check_prompt(token_ids, "messages")
+        max_tokens = self.resolve_max_tokens(len(token_ids), request.max_output_tokens,
+                                             "messages")
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        return request.to_sampling_params(max_tokens, logprobs, request.prompt_logprobs)
+
+
+class _ChatJob:
+    def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest,
+                 request_id: str, model: str) -> None:
+        self.s = serving
+        self.request = request
+        self.request_id = request_id
+        self.model = model
+        self.created = now()
+
+    def _logprobs(self, sample: CompletionOutput) -> ChatLogprobs | None:
+        if not self.request.logprobs:
+            return None
+        return self.s.logprobs.chat(sample.token_ids, sample.logprobs or [],
+                                    self.request.top_logprobs or 0)
+
+    async def response(self, stream: OutputStream) -> ChatCompletionResponse:
+        final: RequestOutput | None = None
+        async for out in stream:
+            final = out
+        assert final is not None  # the stream ends only after a finished output
+        samples = sorted(final.outputs, key=lambda o: o.index)
+        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+                              logprobs=self._logprobs(o), finish_reason=o.finish_reason,
+                              stop_reason=o.stop_reason) for o in samples]
+        usage = UsageInfo.of(len(final.prompt_token_ids),
+                             sum(len(o.token_ids) for o in samples))
+        return ChatCompletionResponse(id=self.request_id, created=self.created,
+                                      model=self.model, choices=choices, usage=usage)
+
+    async def chunks(self, stream: OutputStream) -> AsyncIterator[ChatCompletionChunk]:
+        for index in range(self.request.n):
+            yield self._chunk([ChatStreamChoice(
+                index=index, delta=DeltaMessage(role="assistant", content=""))])
+        prompt_tokens = completion_tokens = 0
+        async for out in stream:
+            prompt_tokens = len(out.prompt_token_ids)
+            for sample in out.outputs:
+                completion_tokens += len(sample.token_ids)
+                if not sample.text and not sample.token_ids and sample.finish_reason is None:
+                    continue
+                usage = UsageInfo.of(prompt_tokens, completion_tokens) \
+                    if self.request.continuous_usage else None
+                yield self._chunk([ChatStreamChoice(
+                    index=sample.index, delta=DeltaMessage(content=sample.text),
+                    logprobs=self._logprobs(sample), finish_reason=sample.finish_reason,
+                    stop_reason=sample.stop_reason)], usage)
+        if self.request.include_usage:
+            yield self._chunk([], UsageInfo.of(prompt_tokens, completion_tokens))
+
+    def _chunk(self, choices: list[ChatStreamChoice],
+               usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
+                                   choices=choices, usage=usage)

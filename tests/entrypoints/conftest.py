@@ -1,0 +1,119 @@
+"""One real ``pagedllm serve`` (default model) per test session, in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+API_KEY = "test-key"
+MAX_MODEL_LEN = 1024
+MAX_NUM_SEQS = 64
+STARTUP_TIMEOUT = 600.0
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:<port>
+    process: subprocess.Popen
+    log_path: str
+    startup_seconds: float  # process start -> first answered completion
+    api_key: str = API_KEY
+    max_model_len: int = MAX_MODEL_LEN
+    max_num_seqs: int = MAX_NUM_SEQS
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def log_tail(self, n: int = 60) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of /metrics: (name, labels without model_name) -> value."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = frozenset((k, v) for k, v in s.labels.items() if k != "model_name")
+                out[(s.name, labels)] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, frozenset(labels.items())), 0.0)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                             timeout=300)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                                  timeout=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, log_path: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            with open(log_path, errors="replace") as f:
+                pytest.fail(f"server exited with {process.returncode}:\n{f.read()[-5000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("server did not become healthy in time")
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-serve-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
+           "--kv-cache-memory-bytes", str(512 * 2**20), "--api-key", API_KEY,
+           "--disable-uvicorn-access-log"]
+    start = time.monotonic()
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_until_serving(url, process, log.name)
+        first = httpx.post(url + "/v1/completions", timeout=120,
+                           headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"prompt": "Hi", "max_tokens": 1})
+        assert first.status_code == 200, first.text
+        startup = time.monotonic() - start
+        print(f"\npagedllm serve: first request answered {startup:.1f} s after process start")
+        yield Server(url, process, log.name, startup)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        os.unlink(log.name)
