@@ -38,6 +38,7 @@ class KVCacheManager:
         return self.pool.usage
 
     def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (a fresh list)."""
         return [b.block_id for b in self._blocks.get(request_id, ())]
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
@@ -64,6 +65,9 @@ class KVCacheManager:
         blocks = self._blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(cached) * self.block_size
         total = num_computed + num_new_tokens
+        if not cached and total <= len(blocks) * self.block_size:  # a decode within its block
+            self._register_full_blocks(request, blocks, total)
+            return True
         needed = -(-total // self.block_size) - len(blocks) - len(cached)
         # Touching a cached block that nobody references also takes it off the free queue.
         reclaimed = sum(1 for b in cached if b.ref_cnt == 0)

@@ -48,8 +48,10 @@ def _prompts() -> list[list[int]]:
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    # No EOS (like ignore_eos): min_new_tokens would instead forbid EOS, changing the argmax.
+    model.generation_config.eos_token_id = None
     out = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=n,
-                         min_new_tokens=n, do_sample=False, pad_token_id=0)
+                         do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
