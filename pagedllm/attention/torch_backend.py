@@ -74,6 +74,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
 
 @dataclass
 class _TorchStepData:
+    fresh_blocks: torch.Tensor  # blocks whose first slot is written this step: cleared first
     decode_rows: torch.Tensor  # [num_decodes] query rows of single-token requests
     decode_blocks: torch.Tensor  # [num_decodes * max_blocks] block ids, row-major (pad -> 0)
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size] bool
@@ -82,7 +83,11 @@ class _TorchStepData:
 
 class TorchAttentionBackend(AttentionBackend):
     """Gathers K/V a whole block at a time (``index_select`` of contiguous blocks, far cheaper
-    than one index per token) and attends with SDPA."""
+    than one index per token) and attends with SDPA.
+
+    Whole-block reads include the slots past a request's length. They are masked, but a NaN
+    there would still poison the row (0 x NaN), so a block is zeroed when its first slot is
+    written: its tail then holds zeros or this request's own values, never stale memory."""
 
     name = "torch"
 
@@ -106,13 +111,16 @@ class TorchAttentionBackend(AttentionBackend):
         positions = torch.arange(width * block_size, device=device)
         mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]
         rows = torch.tensor([row for _, row in decodes], dtype=torch.long, device=device)
-        metadata.backend_data = _TorchStepData(rows, blocks.flatten(), mask, chunks)
+        slots = metadata.slot_mapping
+        fresh = slots[(slots >= 0) & (slots % block_size == 0)] // block_size
+        metadata.backend_data = _TorchStepData(fresh, rows, blocks.flatten(), mask, chunks)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
         data: _TorchStepData = metadata.backend_data
+        kv_cache[:, data.fresh_blocks] = 0
+        write_kv(k, v, kv_cache, metadata.slot_mapping)
         _, _, block_size, kv_heads, head_dim = kv_cache.shape
         out = torch.empty_like(q)
         num_decodes = len(data.decode_rows)

@@ -42,8 +42,11 @@ class KVCacheManager:
         return [b.block_id for b in self._blocks.get(request_id, ())]
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
-        """The cached blocks a newly scheduled request can reuse (not yet referenced)."""
-        if not self.enable_caching:
+        """The cached blocks a newly scheduled request can reuse (not yet referenced).
+
+        A request asking for prompt logprobs reuses nothing: every prompt position's logits
+        must be computed."""
+        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         self._extend_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

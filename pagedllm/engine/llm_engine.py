@@ -158,9 +158,12 @@ class LLMEngine:
     def _process_token(self, req: Request, logprobs: Any, now: float) -> None:
         parent_id, index = self._parent[req.request_id]
         stop = self.output_processor.on_token(parent_id, index, logprobs, now)
-        if stop is not None and not req.is_finished:
+        if stop is not None:  # a stop string wins over the length limit reached at once
             req.stop_reason = stop
-            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            if req.is_finished:
+                req.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             self.output_processor.finish_sample(parent_id, index, req.status.finish_reason,
                                                 req.stop_reason)

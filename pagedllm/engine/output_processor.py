@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pagedllm.core.request import Request
+from pagedllm.core.request import Request, RequestStatus
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
 from pagedllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
@@ -82,9 +82,12 @@ class OutputProcessor:
         state = self.states[request_id]
         sample = state.samples[index]
         req = sample.request
-        token = req.output_token_ids[-1]
-        stop_checking = req.num_output_tokens >= req.sampling_params.min_tokens
-        stop = sample.detokenizer.update([token], stop_checking)
+        params = req.sampling_params
+        # A stop token (EOS or stop_token_ids) ends the text before it, as in vLLM.
+        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
+        new = [] if stopped_by_token and not params.include_stop_str_in_output else \
+            req.output_token_ids[-1:]
+        stop = sample.detokenizer.update(new, req.num_output_tokens >= params.min_tokens)
         if logprobs is not None and sample.logprobs is not None:
             sample.logprobs.append(self._logprob_dict(logprobs))
             sample.cumulative_logprob += logprobs[1][0]

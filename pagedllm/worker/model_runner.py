@@ -53,8 +53,9 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
         self.kv_caches = []  # release the old cache before taking the new one
-        # Not zeroed (a multi-GiB memset slows start-up): a slot is written before it is read,
-        # except block 0, which pads block tables and gathers, so it must hold finite values.
+        # Not zeroed (a multi-GiB memset slows start-up). Block 0 pads block tables, so it must
+        # hold finite values; backends that read whole blocks clear a block when its first
+        # slot is written (see TorchAttentionBackend).
         self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
                           for _ in range(self.arch.num_layers)]
         for cache in self.kv_caches:

@@ -19,11 +19,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    llm = LLM(kv_cache_memory_bytes=256 * 2**20, max_model_len=1024)
-    # torch.empty cache: see test_prefix_caching.py::test_unwritten_cache_slots_never_reach_outputs
-    for cache in llm.engine.runner.kv_caches:
-        cache.zero_()
-    return llm
+    return LLM(kv_cache_memory_bytes=256 * 2**20, max_model_len=1024)
 
 
 def _templated(llm: LLM, conversation, add_generation_prompt: bool = True) -> list[int]:
