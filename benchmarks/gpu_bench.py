@@ -106,6 +106,17 @@ def throughput_row(config: str, workload: Workload, bw: float, target: str,
                result.output_tokens_per_s, "tok/s", roof, target), llm
 
 
+def activation_row(config: str, llm: LLM) -> Row:
+    """The planner's activation estimate (as 'roofline') against the measured peak."""
+    sched = llm.engine.config.scheduler
+    runner = llm.engine.runner
+    estimate = memory.activation_bytes_estimate(runner.arch, sched.max_num_batched_tokens,
+                                                sched.max_num_seqs, runner.dtype)
+    return Row(f"{config}: peak activations (planner est.)",
+               runner.peak_activation_bytes / 2**20, "MiB", estimate / 2**20,
+               "estimate within 10%")
+
+
 def batch1_row(config: str, bw: float, target: str) -> Row:
     llm = make_llm(config, max_num_seqs=8, max_model_len=4096)
     prompt = [list(range(100, 228))]
@@ -168,21 +179,26 @@ def main() -> None:
     n_nano, n_8b = (64, 100) if args.quick else (256, 500)
     rows = [Row("device copy bandwidth", bw / 1e9, "GB/s")]
     nano = nano_vllm_workload(n_nano)
+    activations = []
     row, llm = throughput_row("qwen3-0.6b", nano, bw, ">= 15,000 tok/s")
     rows.append(row)
+    activations.append(activation_row("qwen3-0.6b", llm))
     release(llm)
     if not args.skip_transformers:
         rows.append(transformers_row("qwen3-0.6b", nano, row.measured))
     row, llm = throughput_row("llama-3.2-1b", nano_vllm_workload(n_nano, seed=1), bw,
                               ">= 25,000 tok/s")
     rows.append(row)
+    activations.append(activation_row("llama-3.2-1b", llm))
     release(llm)
     row, llm = throughput_row("llama-3.1-8b", sharegpt_like_workload(n_8b), bw,
                               ">= 6,500 tok/s")
     rows.append(row)
+    activations.append(activation_row("llama-3.1-8b", llm))
     release(llm)
     rows.append(batch1_row("llama-3.2-1b", bw, "<= 1.3x roofline (0.82 ms)"))
     rows.append(batch1_row("llama-3.1-8b", bw, "<= 1.3x roofline (5.0 ms)"))
+    rows += activations
     print(f"\n{'measurement':<46} {'value':>12} {'unit':<6} {'roofline':>12} {'ratio':>6}  target")
     for r in rows:
         print(r.line())

@@ -3,7 +3,7 @@
 
 Workloads (random token ids, ``ignore_eos``, so every request produces exactly its output length):
 - ``random``: ``--num-prompts`` prompts of ``--input-len`` x [1 - ratio, 1 + ratio] tokens and
-  ``--output-len`` x [1 - ratio, 1 + ratio] outputs;
+  ``--output-len`` x [1 - output ratio, 1 + output ratio] outputs (defaults: 63-512, 63-128);
 - ``nano-vllm``: nano-vllm's bench, 256 sequences with input and output lengths uniform in
   [100, 1024];
 - ``shared-prefix``: ``--num-prompts`` requests that share a ``--prefix-len``-token system prompt,
@@ -49,8 +49,8 @@ class RunResult:
 def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
     rng = random.Random(args.workload_seed)
 
-    def draw(mean: int) -> int:
-        lo, hi = int(mean * (1 - args.range_ratio)), int(mean * (1 + args.range_ratio))
+    def draw(mean: int, ratio: float) -> int:
+        lo, hi = int(mean * (1 - ratio)), int(mean * (1 + ratio))
         return max(1, rng.randint(lo, hi))
 
     def tokens(n: int) -> list[int]:
@@ -61,8 +61,10 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> Workload:
         return Workload([tokens(rng.randint(100, 1024)) for _ in range(n)],
                         [rng.randint(100, 1024) for _ in range(n)])
     prefix = tokens(args.prefix_len) if args.workload == "shared-prefix" else []
-    prompts = [prefix + tokens(draw(args.input_len)) for _ in range(args.num_prompts)]
-    return Workload(prompts, [draw(args.output_len) for _ in range(args.num_prompts)])
+    prompts = [prefix + tokens(draw(args.input_len, args.range_ratio))
+               for _ in range(args.num_prompts)]
+    return Workload(prompts, [draw(args.output_len, args.output_range_ratio)
+                              for _ in range(args.num_prompts)])
 
 
 def run_pagedllm(llm, workload: Workload, name: str = "pagedllm") -> RunResult:  # noqa: ANN001
@@ -135,7 +137,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=288, help="Mean prompt length.")
     parser.add_argument("--output-len", type=int, default=96, help="Mean output length.")
     parser.add_argument("--range-ratio", type=float, default=0.78,
-                        help="Lengths are uniform in mean x [1 - ratio, 1 + ratio].")
+                        help="Prompt lengths are uniform in mean x [1 - ratio, 1 + ratio].")
+    parser.add_argument("--output-range-ratio", type=float, default=0.34,
+                        help="Output lengths are uniform in mean x [1 - ratio, 1 + ratio].")
     parser.add_argument("--prefix-len", type=int, default=400,
                         help="Shared prefix length (shared-prefix workload).")
     parser.add_argument("--compare-transformers", action="store_true",

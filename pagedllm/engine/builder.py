@@ -73,12 +73,9 @@ def _profile_gpu_kv_cache_bytes(runner: ModelRunner, config: EngineConfig, arch:
     """KV cache budget on a GPU: gpu_memory_utilization x total memory, less the weights, the
     measured activation peak of the largest step, the CUDA-graph reserve and non-torch memory."""
     start = time.perf_counter()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    runner.profile_run(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
-    torch.cuda.synchronize()
-    activation = torch.cuda.max_memory_allocated() - base
+    activation = runner.profile_run(config.scheduler.max_num_batched_tokens,
+                                    config.scheduler.max_num_seqs)
+    runner.peak_activation_bytes = activation
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     other = max(0, total - free - torch.cuda.memory_reserved())  # CUDA context, NCCL, ...

@@ -49,6 +49,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
         self.graphs: CUDAGraphRunner | None = None
+        self.peak_activation_bytes: int | None = None  # measured at start-up on a GPU
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
@@ -61,10 +62,11 @@ class ModelRunner:
         for cache in self.kv_caches:
             cache[:, 0].zero_()
 
-    def profile_run(self, num_tokens: int, num_reqs: int) -> None:
-        """One dummy step at the largest shape the scheduler can emit: ``num_tokens`` prompt
-        tokens over ``num_reqs`` requests, every one of them sampling (so the sampler's
-        logits are at their largest too). Uses a temporary KV cache just large enough."""
+    def profile_run(self, num_tokens: int, num_reqs: int) -> int:
+        """Peak activation bytes (CUDA) of one dummy step at the largest shape the scheduler
+        can emit: ``num_tokens`` prompt tokens over ``num_reqs`` requests, every one of them
+        sampling (so the sampler's logits are at their largest too). The temporary KV cache
+        it needs is allocated before the measurement starts."""
         num_reqs = max(1, min(num_reqs, num_tokens))
         lens = [num_tokens // num_reqs + (i < num_tokens % num_reqs) for i in range(num_reqs)]
         bs = self.block_size
@@ -76,8 +78,13 @@ class ModelRunner:
             next_block += len(blocks)
             req = Request(f"profile-{i}", [0] * n, params)
             scheduled.append(ScheduledRequest(req, n, blocks))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         self.execute(SchedulerOutput(scheduled=scheduled))
+        torch.cuda.synchronize()
         self.kv_caches = []
+        return torch.cuda.max_memory_allocated() - base
 
     def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> None:
         self.graphs = CUDAGraphRunner(self, sizes, max_model_len)
