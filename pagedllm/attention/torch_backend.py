@@ -17,12 +17,15 @@ from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Stores k, v [num_tokens, num_kv_heads, head_dim] at their slots; slot -1 is skipped."""
+             slot_mapping: torch.Tensor, padded: bool = True) -> None:
+    """Stores k, v [num_tokens, num_kv_heads, head_dim] at their slots; slot -1 is skipped
+    (``padded=False`` promises there is none)."""
     two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(two, num_blocks * block_size, kv_heads, head_dim)
-    keep = slot_mapping >= 0
-    slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    if padded:
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    slots = slot_mapping
     flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
 
@@ -91,6 +94,7 @@ class _DecodeGroup:
 @dataclass
 class _TorchStepData:
     fresh_blocks: torch.Tensor  # blocks whose first slot is written this step: cleared first
+    padded: bool  # some slot is -1
     decodes: list[_DecodeGroup]
     # (start, end, blocks, seq_len, mask or None for plain causal)
     chunks: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]]
@@ -126,7 +130,8 @@ class TorchAttentionBackend(AttentionBackend):
                   for i in range(0, len(decodes), size)]
         slots = metadata.slot_mapping
         fresh = slots[(slots >= 0) & (slots % block_size == 0)] // block_size
-        metadata.backend_data = _TorchStepData(fresh, groups, chunks)
+        padded = bool((slots < 0).any())  # host data on the CPU: no device sync
+        metadata.backend_data = _TorchStepData(fresh, padded, groups, chunks)
 
     @staticmethod
     def _decode_group(metadata: AttentionMetadata, reqs: list[int],
@@ -145,8 +150,9 @@ class TorchAttentionBackend(AttentionBackend):
                 kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         data: _TorchStepData = metadata.backend_data
-        kv_cache[:, data.fresh_blocks] = 0
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
+        if len(data.fresh_blocks):
+            kv_cache[:, data.fresh_blocks] = 0
+        write_kv(k, v, kv_cache, metadata.slot_mapping, data.padded)
         two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
         # One row per block: index_select of 2-D rows is several times faster than of 4-D.
         rows = kv_cache.view(two, num_blocks, block_size * kv_heads * head_dim)

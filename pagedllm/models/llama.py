@@ -15,7 +15,7 @@ from torch import nn
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.rotary import RotaryEmbedding
+from pagedllm.layers.rotary import RotaryEmbedding, apply_rotary
 from pagedllm.models.arch import ModelArch
 
 
@@ -32,8 +32,7 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(layer_idx, arch.num_heads, arch.num_kv_heads, arch.head_dim,
                               arch.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a = self.arch
         q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)  # [T, H, D]
@@ -41,7 +40,7 @@ class DecoderAttention(nn.Module):
         v = v.view(-1, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
+        q, k = apply_rotary(q, k, cos_sin)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -65,9 +64,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = DecoderMLP(arch)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                rotary: RotaryEmbedding) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), rotary)
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -82,8 +80,9 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos_sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x, self.rotary)
+            x = layer(x, cos_sin)
         return self.norm(x)
 
 

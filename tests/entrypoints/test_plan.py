@@ -127,3 +127,25 @@ def test_cuda_without_a_gpu_asks_for_its_size(capsys: pytest.CaptureFixture) -> 
         pytest.skip("a GPU is visible")
     with pytest.raises(SystemExit, match="--gpu-memory-gib"):
         plan(capsys, "llama-3.2-1b", "--device", "cuda")
+
+
+@pytest.mark.slow
+def test_engine_start_up_agrees_with_the_plan(capsys: pytest.CaptureFixture,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """One source of truth: the default model on CPU, same flags, same KV cache numbers."""
+    import logging
+
+    from pagedllm import LLM
+
+    flags = {"kv_cache_memory_bytes": 256 * 2**20, "max_model_len": 2048, "block_size": 16}
+    assert cli.main(["plan", "--kv-cache-memory-bytes", str(flags["kv_cache_memory_bytes"]),
+                     "--max-model-len", "2048", "--format", "json"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv_cache"]
+    with caplog.at_level(logging.INFO, logger="pagedllm"):
+        llm = LLM(**flags)
+    assert llm.engine.kv_cache.pool.num_blocks == kv["blocks"]
+    logged = caplog.text
+    assert f"KV cache size: {kv['tokens']:,} tokens" in logged
+    assert f"Maximum concurrency for 2,048 tokens per request: {kv['max_concurrency']:.2f}x" \
+        in logged
+    assert f"Available KV cache memory: {kv['gib']:.2f} GiB" in logged
