@@ -185,7 +185,12 @@ def main() -> None:
     activations.append(activation_row("qwen3-0.6b", llm))
     release(llm)
     if not args.skip_transformers:
-        rows.append(transformers_row("qwen3-0.6b", nano, row.measured))
+        try:
+            rows.append(transformers_row("qwen3-0.6b", nano, row.measured))
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows.append(Row("qwen3-0.6b: transformers generate: out of memory", 0.0, ""))
     row, llm = throughput_row("llama-3.2-1b", nano_vllm_workload(n_nano, seed=1), bw,
                               ">= 25,000 tok/s")
     rows.append(row)
