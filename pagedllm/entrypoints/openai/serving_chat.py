@@ -26,7 +26,7 @@ from pagedllm.entrypoints.openai.protocol_chat import (
     DeltaMessage,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
-from pagedllm.entrypoints.openai.streaming import SSEResponse, sse_stream, until_disconnected
+from pagedllm.entrypoints.openai.streaming import respond
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -42,13 +42,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         stream = await self.add(request_id, [token_ids], [params])
         job = _ChatJob(self, request, request_id, model)
-        if request.stream:
-            return SSEResponse(sse_stream(job.chunks(stream)), on_close=stream.close)
-        try:
-            response = await until_disconnected(raw, job.response(stream))
-        finally:
-            stream.close()
-        return Response(response.model_dump_json(), media_type="application/json")
+        return await respond(raw, job, stream, bool(request.stream))
 
     def render(self, request: ChatCompletionRequest) -> list[int]:
         """The conversation through the chat template, as token ids."""

@@ -23,7 +23,7 @@ from pagedllm.entrypoints.openai.protocol_completion import (
     CompletionStreamResponse,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
-from pagedllm.entrypoints.openai.streaming import SSEResponse, sse_stream, until_disconnected
+from pagedllm.entrypoints.openai.streaming import respond
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -43,13 +43,7 @@ class OpenAIServingCompletion(OpenAIServing):
         stream = await self.add(request_id, token_lists, params)
         texts = [p if isinstance(p, str) else None for p in prompts]
         job = _Job(self, request, request_id, model, texts)
-        if request.stream:
-            return SSEResponse(sse_stream(job.chunks(stream)), on_close=stream.close)
-        try:
-            response = await until_disconnected(raw, job.response(stream))
-        finally:
-            stream.close()
-        return Response(response.model_dump_json(), media_type="application/json")
+        return await respond(raw, job, stream, bool(request.stream))
 
     def _check(self, request: CompletionRequest) -> None:
         self.check_stream_options(request)

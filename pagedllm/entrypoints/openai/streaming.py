@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from pagedllm.engine.async_llm import OutputStream
 from pagedllm.entrypoints.openai.errors import error_body, to_api_error
 
 logger = logging.getLogger(__name__)
@@ -92,3 +93,24 @@ async def _wait_for_disconnect(request: Request) -> None:
         if message["type"] == "http.disconnect":
             logger.debug("Client disconnected from %s", request.url.path)
             return
+
+
+class ResponseJob(Protocol):
+    """One request's answer, as SSE chunks or as one body, from its output stream."""
+
+    def chunks(self, stream: OutputStream) -> AsyncIterator[BaseModel]: ...
+
+    async def response(self, stream: OutputStream) -> BaseModel: ...
+
+
+async def respond(raw: Request, job: ResponseJob, stream: OutputStream,
+                  streaming: bool) -> Response:
+    """Streams the job's chunks, or waits for its whole response (aborting if the client
+    goes away); either way the output stream is closed at the end."""
+    if streaming:
+        return SSEResponse(sse_stream(job.chunks(stream)), on_close=stream.close)
+    try:
+        response = await until_disconnected(raw, job.response(stream))
+    finally:
+        stream.close()
+    return Response(response.model_dump_json(), media_type="application/json")
