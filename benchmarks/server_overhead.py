@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.benchmarks.datasets import sample_random_requests
+from pagedllm.benchmarks.datasets import load_tokenizer, sample_random_requests
 from pagedllm.benchmarks.serve import ServeConfig, run_benchmark
 
 ENGINE_FLAGS = ["--max-num-seqs", "64", "--max-model-len", "2048",
@@ -60,7 +60,7 @@ def main() -> None:
     port = free_port()
     proc, startup = start_server(port)
     try:
-        tokenizer = default_tokenizer()
+        tokenizer = load_tokenizer(None)
         requests = sample_random_requests(tokenizer, args.num_prompts, args.input_len,
                                           args.output_len, seed=0)
         config = ServeConfig(base_url=f"http://127.0.0.1:{port}", model=None,
@@ -85,12 +85,6 @@ def main() -> None:
           f"({server_tps / offline_tps:.2f}x offline; median TTFT {served.ttft.median:.0f} ms, "
           f"median ITL {served.itl.median:.0f} ms)")
 
-
-def default_tokenizer():  # noqa: ANN201 - the default model's tokenizer, without the weights
-    from pagedllm.models.loader import resolve_model
-    from pagedllm.tokenizer import load_tokenizer
-
-    return load_tokenizer(resolve_model(None))
 
 
 if __name__ == "__main__":
