@@ -42,12 +42,13 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def serve_and_bench(cmd: list[str], port: int, requests: list[SampleRequest],
-                    concurrency: int) -> BenchmarkMetrics:
+                    concurrency: int, extra_body: dict | None = None) -> BenchmarkMetrics:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(port, proc)
         config = ServeConfig(base_url=f"http://127.0.0.1:{port}", max_concurrency=concurrency,
-                             ignore_eos=True, disable_tqdm=True, num_warmups=1)
+                             ignore_eos=True, disable_tqdm=True, num_warmups=1,
+                             extra_body=extra_body)
         return asyncio.run(run_benchmark(requests, config, percentiles=(50.0, 99.0)))
     finally:
         proc.terminate()
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--llama-cpp-python", default=None,
                         help="Python with llama-cpp-python[server] installed.")
     args = parser.parse_args()
@@ -95,8 +96,12 @@ def main() -> None:
     if args.llama_cpp_python:
         port = free_port()
         m = serve_and_bench([args.llama_cpp_python, "-m", "llama_cpp.server", "--model", gguf,
-                             "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
-                            port, requests, args.concurrency)
+                             "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
+                             # by default a new request interrupts the one being generated
+                             "--interrupt_requests", "False"],
+                            port, requests, args.concurrency,
+                            # its server has no ignore_eos: forbid EOS (id 2) instead
+                            extra_body={"logit_bias": {"2": -100}})
         rows.append(("llama.cpp (llama-cpp-python server)", m))
     hf_tps, _ = transformers_offline(requests, batch_size=args.num_prompts)
     print(f"\n{args.num_prompts} prompts of ~{args.input_len} tokens, {args.output_len} output "

@@ -34,6 +34,7 @@ class RequestInput:
     prompt_len: int = 0  # client-side estimate, used only if the server sends no usage
     ignore_eos: bool = False
     temperature: float = 0.0
+    extra_body: dict[str, Any] | None = None  # merged into the JSON body (server-specific)
 
     @property
     def is_chat(self) -> bool:
@@ -77,7 +78,7 @@ def build_payload(request: RequestInput) -> dict[str, Any]:
         payload["prompt"] = request.prompt
     if request.ignore_eos:
         payload["ignore_eos"] = True
-    return payload
+    return {**payload, **(request.extra_body or {})}
 
 
 def _headers() -> dict[str, str]:

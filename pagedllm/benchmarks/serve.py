@@ -61,6 +61,7 @@ class ServeConfig:
     num_warmups: int = 0
     seed: int = 0
     disable_tqdm: bool = False
+    extra_body: dict[str, Any] | None = None  # merged into every request's JSON body
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS:
@@ -102,7 +103,8 @@ async def run_requests(requests: Sequence[SampleRequest], config: ServeConfig) -
     async with aiohttp.ClientSession(connector=connector, timeout=CLIENT_TIMEOUT) as session:
         model = config.model or await fetch_model_id(session, config.base_url)
         inputs = [RequestInput(config.api_url, model, r.prompt, r.expected_output_len,
-                               r.prompt_len, config.ignore_eos, config.temperature)
+                               r.prompt_len, config.ignore_eos, config.temperature,
+                               config.extra_body)
                   for r in requests]
         probe = await send_request(session, inputs[0])
         if not probe.success:
@@ -185,6 +187,9 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
                       help="Gamma shape of arrival gaps: 1 Poisson, <1 burstier, >1 steadier.")
     load.add_argument("--max-concurrency", type=int, default=None)
     load.add_argument("--ignore-eos", action="store_true")
+    load.add_argument("--extra-body", type=json.loads, default=None, metavar="JSON",
+                      help="JSON object merged into every request body (for servers that "
+                           "lack ignore_eos: '{\"logit_bias\": {\"2\": -100}}').")
     load.add_argument("--temperature", type=float, default=0.0)
     load.add_argument("--num-warmups", type=int, default=0)
     load.add_argument("--seed", type=int, default=0)
@@ -204,7 +209,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     base_url = args.base_url or f"http://{args.host}:{args.port}"
     return ServeConfig(base_url, args.endpoint, args.model, args.request_rate, args.burstiness,
                        args.max_concurrency, args.ignore_eos, args.temperature, args.num_warmups,
-                       args.seed, args.disable_tqdm)
+                       args.seed, args.disable_tqdm, args.extra_body)
 
 
 def parse_report_args(args: argparse.Namespace) -> tuple[list[str], list[float]]:
