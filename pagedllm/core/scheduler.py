@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagedllm.config import SchedulerConfig
@@ -192,7 +191,3 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv_cache.free(req)
-
-    def finish_all(self, requests: Iterable[Request], status: RequestStatus) -> None:
-        for req in requests:
-            self.finish(req, status)

@@ -6,7 +6,6 @@ requests (``<id>-<i>``) whose outputs are gathered here into one RequestOutput.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from pagedllm.core.request import Request, RequestStatus
@@ -30,7 +29,6 @@ class SampleState:
     sent_logprobs: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    reported_final: bool = False
 
 
 @dataclass
@@ -169,10 +167,3 @@ class OutputProcessor:
 
     def abort(self, request_id: str) -> None:
         self.states.pop(request_id, None)
-
-    def has(self, request_id: str) -> bool:
-        return request_id in self.states
-
-
-def now() -> float:
-    return time.monotonic()

@@ -346,7 +346,8 @@ def test_finish_all_aborts_mid_prompt() -> None:
     reqs = [make_request(x, 30) for x in "abc"]
     add_all(sched, reqs)
     step(sched)
-    sched.finish_all(reqs, RequestStatus.FINISHED_ABORTED)
+    for req in reqs:
+        sched.finish(req, RequestStatus.FINISHED_ABORTED)
     assert sched.num_unfinished == 0
     assert_pool_whole(sched)
 
