@@ -74,7 +74,7 @@ def roofline_tokens_per_s(llm: LLM, workload: Workload, max_num_seqs: int, bw: f
     """Output tokens/s if every decode step only read the weights and the live KV cache:
     simulate the decode steps (requests start together, max_num_seqs at a time)."""
     arch = llm.engine.runner.arch
-    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    weights = memory.loaded_weight_bytes(llm.engine.runner.model)
     kv_tok = memory.kv_bytes_per_token(arch, llm.engine.runner.dtype)
     pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
     running: list[list[int]] = []
@@ -123,7 +123,7 @@ def batch1_row(config: str, bw: float, target: str) -> Row:
     run_pagedllm(llm, Workload(prompt, [16]), "warm-up")
     n = 256
     t = run_pagedllm(llm, Workload(prompt, [n]), "batch-1").seconds
-    weights = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    weights = memory.loaded_weight_bytes(llm.engine.runner.model)
     kv = memory.kv_bytes_per_token(llm.engine.runner.arch, torch.bfloat16) * (128 + n / 2)
     step_ms = 1000 * t / n  # includes the prefill of 128 tokens, amortized
     roof_ms = 1000 * (weights + kv) / bw

@@ -17,35 +17,20 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 from pagedllm.benchmarks.datasets import SampleRequest, load_tokenizer, sample_random_requests
 from pagedllm.benchmarks.serve import ServeConfig, run_benchmark
 from pagedllm.benchmarks.serve_metrics import BenchmarkMetrics
 
 sys.path.insert(0, os.path.dirname(__file__))
-from server_overhead import free_port  # noqa: E402
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not start")
+from server_overhead import free_port, wait_until_answered  # noqa: E402
 
 
 def serve_and_bench(cmd: list[str], port: int, requests: list[SampleRequest],
                     concurrency: int, extra_body: dict | None = None) -> BenchmarkMetrics:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(port, proc)
+        wait_until_answered(port, proc)
         config = ServeConfig(base_url=f"http://127.0.0.1:{port}", max_concurrency=concurrency,
                              ignore_eos=True, disable_tqdm=True, num_warmups=1,
                              extra_body=extra_body)
@@ -58,14 +43,10 @@ def serve_and_bench(cmd: list[str], port: int, requests: list[SampleRequest],
 def transformers_offline(requests: list[SampleRequest], batch_size: int) -> tuple[float, int]:
     """transformers' batched greedy generate over the same prompts: (output tok/s, tokens)."""
     import torch
-    import transformers
 
-    from pagedllm.benchmarks.throughput import Workload, run_transformers
-    from pagedllm.models.loader import resolve_model
+    from pagedllm.benchmarks.throughput import Workload, load_transformers_model, run_transformers
 
-    folder, name = os.path.split(resolve_model(None).path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                              dtype=torch.float32).eval()
+    model = load_transformers_model(None, "auto", torch.float32, torch.device("cpu"))
     tok = load_tokenizer(None)
     work = Workload([tok.encode(r.prompt) for r in requests],
                     [r.expected_output_len for r in requests])

@@ -31,23 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int) -> tuple[subprocess.Popen, float]:
-    """Starts the server; returns it and the seconds until it answered a completion."""
+def wait_until_answered(port: int, proc: subprocess.Popen, timeout: float = 300) -> float:
+    """Seconds until the server on ``port`` answers a one-token completion."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.cli", "serve",
-                             "--port", str(port), *ENGINE_FLAGS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     body = b'{"prompt": "Hello", "max_tokens": 1}'
-    while time.perf_counter() - start < 120:
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                          {"Content-Type": "application/json"})
             urllib.request.urlopen(req, timeout=5).read()
-            return proc, time.perf_counter() - start
+            return time.perf_counter() - start
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("server did not answer within 120 s")
+    raise RuntimeError(f"server did not answer within {timeout:.0f} s")
+
+
+def start_server(port: int) -> tuple[subprocess.Popen, float]:
+    """Starts `pagedllm serve`; returns it and the seconds until it answered a completion."""
+    proc = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.cli", "serve",
+                             "--port", str(port), *ENGINE_FLAGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, wait_until_answered(port, proc)
 
 
 def main() -> None:

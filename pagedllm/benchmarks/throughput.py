@@ -106,7 +106,8 @@ def run_transformers(model, workload: Workload, batch_size: int) -> RunResult:  
     return RunResult(f"transformers (batch {batch_size})", seconds, workload.num_output_tokens)
 
 
-def load_transformers_model(llm, args: argparse.Namespace):  # noqa: ANN001, ANN201
+def load_transformers_model(model: str | None, load_format: str, dtype, device):  # noqa: ANN001, ANN201
+    """transformers' model of the same files pagedllm serves (random weights for dummy)."""
     import os
 
     import torch
@@ -114,11 +115,10 @@ def load_transformers_model(llm, args: argparse.Namespace):  # noqa: ANN001, ANN
 
     from pagedllm.models.loader.source import resolve_model
 
-    source = resolve_model(args.model)
-    device = llm.engine.runner.device
-    dtype = llm.engine.runner.dtype
-    if args.load_format == "dummy":
+    source = resolve_model(model)
+    if load_format == "dummy":
         config = transformers.AutoConfig.from_pretrained(source.path)
+        torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif source.kind == "gguf":
         folder, name = os.path.split(source.path)
@@ -126,7 +126,6 @@ def load_transformers_model(llm, args: argparse.Namespace):  # noqa: ANN001, ANN
                                                                   dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
-    torch.manual_seed(0)
     return model.to(device).eval()
 
 
@@ -169,23 +168,28 @@ def main(args: argparse.Namespace) -> int:
         run_pagedllm(off, Workload(workload.prompts[:2], [4, 4]), "warm-up")
         results[0].name = "pagedllm (prefix caching on)"
         results.append(run_pagedllm(off, workload, "pagedllm (prefix caching off)"))
+    hf_model = None
     if args.compare_transformers:
-        model = load_transformers_model(llm, args)
-        hf = [run_transformers(model, workload, int(b)) for b in args.hf_batch_sizes.split(",")]
+        runner = llm.engine.runner
+        hf_model = load_transformers_model(args.model, args.load_format, runner.dtype,
+                                           runner.device)
+        hf = [run_transformers(hf_model, workload, int(b))
+              for b in args.hf_batch_sizes.split(",")]
         results.append(max(hf, key=lambda r: r.output_tokens_per_s))
         results += [r for r in hf if r is not results[-1]]
     if args.batch1_tokens:
-        results += batch1_decode(llm, args, workload)
+        results += batch1_decode(llm, hf_model, workload, args.batch1_tokens)
     _report(results, args.output_json)
     return 0
 
 
-def batch1_decode(llm, args: argparse.Namespace, workload: Workload) -> list[RunResult]:  # noqa: ANN001
-    one = Workload(workload.prompts[:1], [args.batch1_tokens])
+def batch1_decode(llm, hf_model, workload: Workload,  # noqa: ANN001
+                  num_tokens: int) -> list[RunResult]:
+    """Decode of one request alone, by pagedllm and (if given) transformers."""
+    one = Workload(workload.prompts[:1], [num_tokens])
     results = [run_pagedllm(llm, one, "pagedllm batch-1")]
-    if args.compare_transformers:
-        model = load_transformers_model(llm, args)
-        r = run_transformers(model, one, 1)
+    if hf_model is not None:
+        r = run_transformers(hf_model, one, 1)
         r.name = "transformers batch-1"
         results.append(r)
     return results

@@ -46,7 +46,7 @@ def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
         logger.warning("No tokenizer in %s: using placeholder tokens (token ids only)",
                        source.path)
         tokenizer = placeholder_tokenizer(arch.vocab_size)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = memory.loaded_weight_bytes(model)
     logger.info("Loaded %s (%s, %.2f GiB of weights, %s on %s) in %.1f s", source.name,
                 arch.architecture, weights / 2**30, dtype, device, time.perf_counter() - start)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")

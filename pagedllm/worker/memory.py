@@ -90,6 +90,11 @@ def count_parameters(arch: ModelArch) -> int:
     return parameter_breakdown(arch).total
 
 
+def loaded_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the parameters of a loaded model occupy (tied weights counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0) -> dict[str, int]:
     """Weight bytes in float32/bfloat16/float16, and what weight-only quantization would make
     them: int8 and int4 (one fp16 scale per group of ``INT4_GROUP_SIZE``) on the decoder's
