@@ -2,12 +2,55 @@
 
 Everything that sizes memory (the planner, KV cache sizing) and the model code read these
 fields, never the raw dict, so transformers 4 and 5 config spellings are handled in one place.
+Vision-language models (Qwen2-VL) add a ``VisionArch`` for the image encoder and M-RoPE.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """The numbers of a Qwen2-VL style vision transformer (``vision_config``)."""
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+    hidden_act: str
+    out_hidden_size: int  # the merger's output: the language model's hidden size
+    rope_theta: float
+
+    @classmethod
+    def from_hf_config(cls, vision: dict[str, Any], lm_hidden_size: int) -> VisionArch:
+        return cls(
+            depth=vision["depth"],
+            embed_dim=vision["embed_dim"],
+            num_heads=vision["num_heads"],
+            mlp_ratio=float(vision.get("mlp_ratio", 4)),
+            patch_size=vision.get("patch_size", 14),
+            temporal_patch_size=vision.get("temporal_patch_size", 2),
+            spatial_merge_size=vision.get("spatial_merge_size", 2),
+            in_channels=vision.get("in_channels", vision.get("in_chans", 3)),  # 4.x: in_chans
+            hidden_act=vision.get("hidden_act", "quick_gelu"),
+            out_hidden_size=vision.get("hidden_size", lm_hidden_size),
+            rope_theta=float(rope_theta(vision)),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_input_size(self) -> int:
+        """Width of one row of pixel values: C * temporal_patch * patch * patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
 @dataclass(frozen=True)
@@ -30,6 +73,11 @@ class ModelArch:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
+    # M-RoPE: how the rotary half-dims split among (temporal, height, width) positions
+    mrope_section: tuple[int, ...] | None = None
+    image_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    vision: VisionArch | None = None
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
@@ -42,6 +90,7 @@ class ModelArch:
         model_type = config.get("model_type", "")
         eos = config.get("eos_token_id", text.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        vision = config.get("vision_config")
         return cls(
             architecture=architectures[0],
             model_type=model_type,
@@ -62,6 +111,10 @@ class ModelArch:
             bos_token_id=config.get("bos_token_id", text.get("bos_token_id")),
             eos_token_ids=eos_ids,
             torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+            mrope_section=mrope_section(text),
+            image_token_id=config.get("image_token_id"),
+            vision_start_token_id=config.get("vision_start_token_id"),
+            vision=VisionArch.from_hf_config(vision, hidden) if vision else None,
         )
 
     @property
@@ -79,3 +132,13 @@ def rope_theta(config: dict[str, Any]) -> float:
     if "rope_theta" in params:
         return params["rope_theta"]
     return config.get("rope_theta", 10000.0)
+
+
+def mrope_section(config: dict[str, Any]) -> tuple[int, ...] | None:
+    """transformers 4 writes ``rope_scaling: {type: mrope, mrope_section}``; 5 writes it in
+    ``rope_parameters``."""
+    for key in ("rope_parameters", "rope_scaling"):
+        section = (config.get(key) or {}).get("mrope_section")
+        if section:
+            return tuple(section)
+    return None

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.rotary import RotaryEmbedding, apply_rotary
+from pagedllm.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
 from pagedllm.models.arch import ModelArch
 
 
@@ -47,13 +47,13 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.inter = arch.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [self.inter, self.inter])
-        self.down_proj = RowParallelLinear(self.inter, arch.hidden_size)
+        inter = arch.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [inter, inter])
+        self.act = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -64,9 +64,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = DecoderMLP(arch)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried beside x, so each residual add is fused into the norm
+        after it: returns (MLP output, residual before it), which the next layer's input norm (or
+        the final norm) adds. ``residual`` is None at the first layer, whose x is the stream."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos_sin), residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -75,15 +83,23 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
-                                      arch.rope_theta)
+        if arch.mrope_section is None:
+            self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
+                                          arch.rope_theta)
+        else:
+            self.rotary = MRotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
+                                           arch.rope_theta, arch.mrope_section)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [T, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """positions: [T], or [3, T] with M-RoPE; ``inputs_embeds`` [T, hidden] replace the
+        token embeddings (a multimodal model has put image features in them)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos_sin)
-        return self.norm(x)
+            x, residual = layer(x, cos_sin, residual)
+        return self.norm(x, residual)[0]
 
 
 # HF checkpoint name piece -> (our merged parameter piece, shard index)

@@ -14,6 +14,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Qwen2ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Qwen3ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
+    "Qwen2VLForConditionalGeneration": ("pagedllm.models.qwen2_vl",
+                                        "Qwen2VLForConditionalGeneration"),
 }
 
 
