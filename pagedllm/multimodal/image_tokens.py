@@ -10,6 +10,7 @@ image's ``<|image_pad|>`` tokens (``VISION_WRAPPER_TOKENS``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,18 @@ def image_token_count(width: int, height: int, min_pixels: int = MIN_PIXELS,
     return image_grid(width, height, min_pixels, max_pixels).num_tokens
 
 
+def pixel_limits(preprocessor: Mapping[str, Any],
+                 default: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS)) -> tuple[Any, Any]:
+    """(min_pixels, max_pixels) as a ``preprocessor_config.json`` (or per-server overrides) sets
+    them: older files write ``min_pixels`` / ``max_pixels``, newer ones
+    ``size: {shortest_edge, longest_edge}``; the explicit keys win, as in transformers.
+    Values are returned unchecked so that callers can name a bad one."""
+    size = preprocessor.get("size") or {}
+    lo = preprocessor.get("min_pixels", size.get("shortest_edge"))
+    hi = preprocessor.get("max_pixels", size.get("longest_edge"))
+    return (default[0] if lo is None else lo, default[1] if hi is None else hi)
+
+
 @dataclass(frozen=True)
 class VisionSpec:
     """The numbers that size an image, read from ``vision_config`` and, when the model folder
@@ -96,13 +109,11 @@ class VisionSpec:
     @classmethod
     def from_configs(cls, vision_config: dict[str, Any],
                      preprocessor: dict[str, Any] | None = None) -> VisionSpec:
-        pre = preprocessor or {}
-        size = pre.get("size") or {}
+        min_pixels, max_pixels = pixel_limits(preprocessor or {})
         return cls(
             patch_size=vision_config.get("patch_size", PATCH_SIZE),
             merge_size=vision_config.get("spatial_merge_size", MERGE_SIZE),
-            min_pixels=pre.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS,
-            max_pixels=pre.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS)
+            min_pixels=min_pixels, max_pixels=max_pixels)
 
     def grid(self, width: int, height: int) -> ImageGrid:
         return image_grid(width, height, self.min_pixels, self.max_pixels, self.patch_size,
