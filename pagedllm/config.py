@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,7 +111,33 @@ class DeviceConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+@dataclass(frozen=True)
+class MultiModalConfig:
+    limit_mm_per_prompt: dict[str, int] | None = field(default=None, metadata=_help(
+        'Most items of each modality one prompt may carry, as JSON: \'{"image": 2}\'. '
+        "Default: no limit beyond the context length.", json=True))
+    mm_processor_kwargs: dict[str, Any] | None = field(default=None, metadata=_help(
+        'Image processor overrides, as JSON: \'{"min_pixels": 3136, "max_pixels": 1003520}\'.',
+        json=True))
+    allowed_local_media_path: str | None = field(default=None, metadata=_help(
+        "Folder whose images requests may name by file:// URL. Default: none may."))
+    allowed_media_domains: list[str] | None = field(default=None, metadata=_help(
+        "Domains whose http(s) image URLs requests may use. Default: none may.", nargs="+"))
+
+    def __post_init__(self) -> None:
+        for modality, limit in (self.limit_mm_per_prompt or {}).items():
+            if modality != "image":
+                raise ValueError(f"limit_mm_per_prompt: modality {modality!r} is not supported;"
+                                 " pagedllm takes images only")
+            if not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"limit_mm_per_prompt: the limit of {modality!r} must be a "
+                                 f"non-negative integer, got {limit!r}")
+
+    def image_limit(self) -> int | None:
+        return (self.limit_mm_per_prompt or {}).get("image")
+
+
+_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, MultiModalConfig)
 
 
 @dataclass(frozen=True)
@@ -119,6 +146,7 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: DeviceConfig
+    multimodal: MultiModalConfig
 
     @classmethod
     def create(cls, derived_max_model_len: int, **kwargs: Any) -> EngineConfig:
@@ -152,7 +180,7 @@ class EngineConfig:
             return typ(**{k: v for k, v in kwargs.items() if k in names})
 
         return cls(section(ModelConfig), section(CacheConfig), section(SchedulerConfig),
-                   section(DeviceConfig))
+                   section(DeviceConfig), section(MultiModalConfig))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -169,6 +197,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 kwargs["choices"] = f.metadata["choices"]
             if f.type in ("bool", bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
+            elif f.metadata.get("json"):
+                kwargs["type"] = _json_arg
+            elif f.metadata.get("nargs"):
+                kwargs["nargs"] = f.metadata["nargs"]
             else:
                 kwargs["type"] = _scalar_type(str(f.type))
             if f.metadata.get("positional"):
@@ -177,6 +209,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             else:
                 group.add_argument(flag, dest=f.name, **kwargs)
     return parser
+
+
+def _json_arg(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {value!r}") from None
 
 
 def _scalar_type(annotation: str) -> type:

@@ -25,6 +25,9 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self._blocks: dict[str, list[KVBlock]] = {}
+        # The same tables as lists of block ids, kept in step with _blocks, so that a step
+        # does not read block_id off every block of every request.
+        self._block_ids: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}  # leading blocks already in the cache index
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # prompt tokens found
@@ -39,7 +42,13 @@ class KVCacheManager:
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a fresh list)."""
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        return list(self._block_ids.get(request_id, ()))
+
+    def live_block_ids(self, request_id: str) -> list[int]:
+        """The request's block table as the manager's own list, for readers that follow it
+        from step to step: it only grows until the request's blocks are freed, and a new list
+        starts after that. Read it; never change it."""
+        return self._block_ids.get(request_id, [])
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """The cached blocks a newly scheduled request can reuse (not yet referenced).
@@ -65,27 +74,35 @@ class KVCacheManager:
         """Gives the request blocks for ``num_new_tokens`` more tokens (after its computed ones
         and the ``cached`` prefix blocks, which it starts to reference). False if the pool is
         short; then nothing changes."""
-        blocks = self._blocks.setdefault(request.request_id, [])
-        num_computed = request.num_computed_tokens + len(cached) * self.block_size
+        request_id, bs = request.request_id, self.block_size
+        blocks = self._blocks.get(request_id)
+        if blocks is None:
+            blocks = self._blocks[request_id] = []
+            self._block_ids[request_id] = []
+        num_computed = request.num_computed_tokens + len(cached) * bs
         total = num_computed + num_new_tokens
-        if not cached and total <= len(blocks) * self.block_size:  # a decode within its block
-            self._register_full_blocks(request, blocks, total)
+        if not cached and total <= len(blocks) * bs:  # a decode within its block
+            if self.enable_caching and total // bs > self._num_registered.get(request_id, 0):
+                self._register_full_blocks(request, blocks, total)
             return True
-        needed = -(-total // self.block_size) - len(blocks) - len(cached)
+        needed = -(-total // bs) - len(blocks) - len(cached)
         # Touching a cached block that nobody references also takes it off the free queue.
         reclaimed = sum(1 for b in cached if b.ref_cnt == 0)
         if max(needed, 0) + reclaimed > self.pool.num_free_blocks:
             return False
         self.pool.touch(cached)
+        start = len(blocks)
         blocks.extend(cached)
         if needed > 0:
             blocks.extend(self.pool.allocate(needed))
+        self._block_ids[request_id].extend(b.block_id for b in blocks[start:])
         self._register_full_blocks(request, blocks, total)
         return True
 
     def free(self, request: Request) -> None:
         """Returns all of a request's blocks to the pool, tail first (evicted first)."""
         blocks = self._blocks.pop(request.request_id, [])
+        self._block_ids.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
@@ -111,7 +128,11 @@ class KVCacheManager:
         while len(hashes) < target:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs)))
+            start, end = i * bs, (i + 1) * bs
+            # Image tokens are all the same placeholder id: the image's content tells them apart.
+            images = tuple(f.image.content_hash for f in request.images
+                           if f.offset < end and f.end > start)
+            hashes.append(hash_block(parent, request.token_ids(start, end), images))
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()

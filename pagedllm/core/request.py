@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.multimodal.inputs import ImageFeature, MRopePositions
 
 
 class RequestStatus(enum.Enum):
@@ -53,6 +57,8 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    images: tuple[ImageFeature, ...] = ()  # in prompt order, placeholders already expanded
+    mrope: MRopePositions | None = None  # for models with multimodal rotary positions
 
     @property
     def num_prompt_tokens(self) -> int:

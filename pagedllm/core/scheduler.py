@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at num_computed_tokens
-    block_ids: list[int]
+    block_ids: list[int]  # the KV cache manager's live list (see live_block_ids): read only
 
     @property
     def samples(self) -> bool:
@@ -130,7 +130,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
     def _add(self, out: SchedulerOutput, req: Request, n: int, new: bool) -> None:
-        scheduled = ScheduledRequest(req, n, self.kv_cache.block_ids(req.request_id))
+        scheduled = ScheduledRequest(req, n, self.kv_cache.live_block_ids(req.request_id))
         out.scheduled.append(scheduled)
         if new:
             out.num_new_prompts += 1
@@ -169,11 +169,11 @@ class Scheduler:
         return progressed
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        params = req.sampling_params
+        params, num_output = req.sampling_params, req.num_output_tokens
         if req.num_tokens >= self.config.max_model_len or (
-                params.max_tokens is not None and req.num_output_tokens >= params.max_tokens):
+                params.max_tokens is not None and num_output >= params.max_tokens):
             return RequestStatus.FINISHED_LENGTH
-        if req.num_output_tokens < params.min_tokens:
+        if num_output < params.min_tokens:
             return None
         if token in params.stop_token_ids or (
                 not params.ignore_eos and token in params.all_stop_token_ids):

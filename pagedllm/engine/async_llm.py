@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pagedllm.engine.inputs import ProcessedPrompt, PromptType
 from pagedllm.metrics.loggers import LoggingStatLogger
 from pagedllm.metrics.stats import IterationStats, StatLogger, StatsCollector, scheduler_stats
 from pagedllm.outputs import RequestOutput
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Prompt = str | list[int]
+Prompt = PromptType | ProcessedPrompt
 
 
 class EngineDeadError(RuntimeError):

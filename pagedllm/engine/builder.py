@@ -7,14 +7,18 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import EngineConfig
+from pagedllm.engine.inputs import InputProcessor
+from pagedllm.layers.norm import RMSNorm
 from pagedllm.models.arch import ModelArch
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
 from pagedllm.models.registry import model_class
-from pagedllm.tokenizer import load_tokenizer, placeholder_tokenizer
+from pagedllm.multimodal.image_processor import ImageProcessorConfig, ProcessedImage, process_image
+from pagedllm.tokenizer import Tokenizer, load_tokenizer, placeholder_tokenizer
 from pagedllm.worker import memory
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -51,12 +55,20 @@ def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
                 arch.architecture, weights / 2**30, dtype, device, time.perf_counter() - start)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
     runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device)
+    processor = build_input_processor(source, arch, config, tokenizer)
+    largest_image = None
+    if processor.image_config is not None:
+        largest_image = process_image(Image.new("RGB", processor.image_config.max_image_size()),
+                                      processor.image_config)
+        runner.enable_images(max(config.scheduler.max_num_batched_tokens,
+                                 largest_image.num_tokens))
     graph_sizes = [] if device.type != "cuda" or config.device.enforce_eager else \
         memory.default_cuda_graph_sizes(config.scheduler.max_num_seqs)
     kv_bytes = config.cache.kv_cache_memory_bytes
     if kv_bytes is None:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
-            _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes)
+            _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes,
+                                        largest_image)
     plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
                                 config.model.max_model_len, kv_bytes)
     memory.log_kv_cache_plan(plan, logger, device.type)
@@ -64,17 +76,38 @@ def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
     name = config.model.served_model_name or source.name
-    return cls(config, tokenizer, runner, plan.num_blocks, name, arch.vocab_size)
+    return cls(config, tokenizer, runner, plan.num_blocks, name, arch.vocab_size, processor)
+
+
+def build_input_processor(source: ModelSource, arch: ModelArch, config: EngineConfig,
+                          tokenizer: Tokenizer) -> InputProcessor:
+    image_config = None
+    if arch.vision is not None:
+        folder = source.path if source.kind == "hf" else None
+        image_config = ImageProcessorConfig.from_model_dir(
+            folder, config.multimodal.mm_processor_kwargs)
+    elif config.multimodal.mm_processor_kwargs or config.multimodal.limit_mm_per_prompt:
+        logger.warning("%s takes no images: the multimodal settings are ignored",
+                       arch.architecture)
+    return InputProcessor(tokenizer, arch, config.multimodal, image_config)
 
 
 def _profile_gpu_kv_cache_bytes(runner: ModelRunner, config: EngineConfig, arch: ModelArch,
                                 dtype: torch.dtype, weight_bytes: int,
-                                graph_sizes: list[int]) -> int:
+                                graph_sizes: list[int],
+                                largest_image: ProcessedImage | None) -> int:
     """KV cache budget on a GPU: gpu_memory_utilization x total memory, less the weights, the
-    measured activation peak of the largest step, the CUDA-graph reserve and non-torch memory."""
+    measured activation peak of the largest step (or of the vision encoder's largest call, if
+    larger), the CUDA-graph reserve and non-torch memory."""
     start = time.perf_counter()
     activation = runner.profile_run(config.scheduler.max_num_batched_tokens,
                                     config.scheduler.max_num_seqs)
+    if largest_image is not None:
+        encoder = runner.profile_encoder(largest_image)
+        logger.info("Vision encoder peak: %.2f GiB (images of %d tokens, the largest allowed); "
+                    "language model step peak: %.2f GiB", encoder / 2**30,
+                    largest_image.num_tokens, activation / 2**30)
+        activation = max(activation, encoder)
     runner.peak_activation_bytes = activation
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
@@ -108,9 +141,11 @@ def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig, devic
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module) -> None:
-    """Random weights of the right shapes (for benchmarks of configs without checkpoints)."""
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, 0.02)
+    """Random weights of the right shapes (for benchmarks of configs without checkpoints);
+    norms start as the identity, as a trained model's roughly are."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                param.fill_(1.0 if name == "weight" else 0.0)
+            else:
+                param.normal_(0.0, 0.02)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from tokenizers import decoders
+
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import Tokenizer
 
@@ -29,9 +31,17 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, token_texts: dict[int, str] | None = None) -> None:
+        """``token_texts`` caches the text of single tokens under ``params``' decode options;
+        detokenizers whose requests share those options may share it."""
         self.tokenizer = tokenizer
         self.params = params
+        self._token_texts = {} if token_texts is None else token_texts
+        # A byte-level decoder joins the tokens' bytes, then reads them as UTF-8: two tokens that
+        # are each whole characters decode to their two texts one after the other. (Spacing out
+        # special tokens, done by Tokenizer.decode itself, is no such join.)
+        self._byte_level = isinstance(tokenizer.backend.decoder, decoders.ByteLevel) and (
+            params.skip_special_tokens or not params.spaces_between_special_tokens)
         self.stop: list[str] = list(params.stop or [])
         self.output_text = ""
         # Context from the prompt's tail, then every generated token.
@@ -49,13 +59,28 @@ class IncrementalDetokenizer:
             ids, skip_special_tokens=self.params.skip_special_tokens,
             spaces_between_special_tokens=self.params.spaces_between_special_tokens)
 
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self._decode([token_id])
+        return text
+
     def _next_text(self, flush: bool = False) -> str:
         """Text completed by the tokens after ``read_offset``; advances the window if any.
 
         Unless ``flush``, a trailing incomplete UTF-8 character is left for the next token.
         """
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        full_text = self._decode(self._ids[self._prefix_offset:])
+        ids, start, read = self._ids, self._prefix_offset, self._read_offset
+        # Mostly the window is the token before (its text likely cached) and one new token.
+        prefix_text = self._token_text(ids[start]) if read - start == 1 else \
+            self._decode(ids[start:read])
+        full_text = None
+        if self._byte_level and read - start == 1 and len(ids) == read + 1:
+            new_text = self._token_text(ids[read])
+            if _REPLACEMENT not in prefix_text and _REPLACEMENT not in new_text:
+                full_text = prefix_text + new_text  # what decoding the two gives (see __init__)
+        if full_text is None:
+            full_text = self._decode(ids[start:])
         if len(full_text) <= len(prefix_text) and not flush:
             return ""  # e.g. a skipped special token, or bytes of an unfinished character
         if full_text.endswith(_REPLACEMENT) and not flush:

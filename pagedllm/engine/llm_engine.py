@@ -17,6 +17,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.inputs import InputProcessor, ProcessedPrompt, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -44,9 +45,11 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer, runner: ModelRunner,
-                 num_blocks: int, model_name: str, vocab_size: int) -> None:
+                 num_blocks: int, model_name: str, vocab_size: int,
+                 input_processor: InputProcessor) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.input_processor = input_processor
         self.runner = runner
         self.model_name = model_name
         self.vocab_size = vocab_size
@@ -72,22 +75,24 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
-        """Validates and queues a request; raises ValueError with a clear message if bad."""
+    def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
+        """Validates and queues a request; raises ValueError with a clear message if bad.
+
+        ``prompt``: text, token ids, a dict with ``multi_modal_data`` (see ``engine.inputs``),
+        or a prompt the caller already ran through ``self.input_processor``."""
         if request_id in self._children or request_id in self._parent:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
-        self._validate(token_ids, params)
+        processed = self.input_processor.process(prompt)
+        self._validate(processed.token_ids, params)
         params = copy.copy(params)
         params.all_stop_token_ids = set(self._eos_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        children = self._make_samples(request_id, token_ids, params, arrival)
+        children = self._make_samples(request_id, processed, params, arrival)
         for child in children:
             self.scheduler.add_request(child)
         self._children[request_id] = children
-        self.output_processor.add(request_id, text, children, params, arrival)
+        self.output_processor.add(request_id, processed.text, children, params, arrival)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -97,11 +102,16 @@ class LLMEngine:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary (size {self.vocab_size}).")
         params.check_limits(self.vocab_size, self.config.model.max_logprobs)
 
-    def _make_samples(self, request_id: str, token_ids: list[int], params: SamplingParams,
+    def _make_samples(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       arrival: float) -> list[Request]:
+        def request(req_id: str, req_params: SamplingParams,
+                    wait_for: Request | None = None) -> Request:
+            return Request(req_id, prompt.token_ids, req_params, arrival, wait_for=wait_for,
+                           images=prompt.images, mrope=prompt.mrope)
+
         if params.n == 1:
             self._parent[request_id] = (request_id, 0)
-            return [Request(request_id, token_ids, params, arrival)]
+            return [request(request_id, params)]
         children: list[Request] = []
         for i in range(params.n):
             child_params = copy.copy(params)
@@ -113,7 +123,7 @@ class LLMEngine:
                 raise ValueError(f"request id {request_id!r} with n={params.n} would reuse the "
                                  f"id {child_id!r} of a request in progress")
             first = children[0] if children else None
-            children.append(Request(child_id, token_ids, child_params, arrival, wait_for=first))
+            children.append(request(child_id, child_params, first))
             self._parent[child_id] = (request_id, i)
         return children
 
@@ -141,17 +151,25 @@ class LLMEngine:
             return []
         now = time.monotonic()
         for s in sched.scheduled:
-            parent_id, _ = self._parent[s.request.request_id]
-            self.output_processor.on_scheduled(parent_id, s.request, now)
-            prompt_left = s.request.num_prompt_tokens - s.request.num_computed_tokens
-            self._prompt_tokens += max(0, min(prompt_left, s.num_new_tokens))
+            req = s.request
+            prompt_left = req.num_prompt_tokens - req.num_computed_tokens
+            if prompt_left > 0:  # a prompt chunk (a request's first step is always one)
+                self.output_processor.on_scheduled(self._parent[req.request_id][0], req, now)
+                self._prompt_tokens += min(prompt_left, s.num_new_tokens)
         result = self.runner.execute(sched)
         progressed = self.scheduler.update_from_output(sched, result.sampled)
         now = time.monotonic()
         for req_id, entries in result.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(self._parent[req_id][0], entries)
         self._generation_tokens += len(progressed)
+        deferred = self.output_processor.deferred
         for req in progressed:
+            # A deferred sample's text is made from all its tokens when it finishes; its first
+            # token still goes through, for the time to first token. (A request that got a
+            # token is running or has just finished.)
+            if (req.request_id in deferred and req.status is RequestStatus.RUNNING
+                    and req.num_output_tokens > 1):
+                continue
             self._process_token(req, result.logprobs.get(req.request_id), now)
         return self._collect_outputs(now)
 

@@ -25,6 +25,7 @@ class SampleState:
     detokenizer: IncrementalDetokenizer
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float | None
+    num_fed: int = 0  # output tokens given to the detokenizer
     sent_tokens: int = 0  # tokens already returned (DELTA mode)
     sent_logprobs: int = 0
     finish_reason: str | None = None
@@ -43,28 +44,40 @@ class RequestState:
     sent_prompt_logprobs: bool = False
     num_cached_tokens: int = 0
     pending: set[int] = field(default_factory=set)  # samples with news to report
+    num_finished: int = 0  # samples with a finish reason
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        return self.num_finished == len(self.samples)
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
+        self._news = False  # some state has pending news (make_outputs skips the scan if not)
+        # Samples whose text can wait until they finish (FINAL_ONLY, without stop strings or
+        # logprobs): the engine skips on_token for their tokens between the first and the last.
+        self.deferred: set[str] = set()
+        # Texts of single tokens, per (skip_special_tokens, spaces_between_special_tokens).
+        self._token_texts: dict[tuple[bool, bool], dict[int, str]] = {}
 
     def add(self, request_id: str, prompt: str | None, children: list[Request],
             params: SamplingParams, arrival_time: float) -> None:
+        token_texts = self._token_texts.setdefault(
+            (params.skip_special_tokens, params.spaces_between_special_tokens), {})
         samples = [SampleState(
-            i, child,
-            IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, child.sampling_params),
+            i, child, IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids,
+                                             child.sampling_params, token_texts),
             [] if params.logprobs is not None else None,
             0.0 if params.logprobs is not None else None) for i, child in enumerate(children)]
         self.states[request_id] = RequestState(
             request_id, prompt, children[0].prompt_token_ids, params, samples,
             RequestMetrics(arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        if (params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop
+                and params.logprobs is None):
+            self.deferred.update(child.request_id for child in children)
 
     def add_prompt_logprobs(self, request_id: str, entries: list[LogprobsEntry]) -> None:
         state = self.states[request_id]
@@ -76,16 +89,20 @@ class OutputProcessor:
 
     def on_token(self, request_id: str, index: int, logprobs: LogprobsEntry | None,
                  now: float) -> str | None:
-        """Processes a sample's newest token; returns the stop string it completed, if any."""
+        """Processes a sample's newest token (and those the engine deferred before it);
+        returns the stop string it completed, if any."""
         state = self.states[request_id]
         sample = state.samples[index]
         req = sample.request
         params = req.sampling_params
+        tokens = req.output_token_ids
+        end = len(tokens)
         # A stop token (EOS or stop_token_ids) ends the text before it, as in vLLM.
-        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
-        new = [] if stopped_by_token and not params.include_stop_str_in_output else \
-            req.output_token_ids[-1:]
-        stop = sample.detokenizer.update(new, req.num_output_tokens >= params.min_tokens)
+        if req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
+            end -= 1
+        stop = sample.detokenizer.update(tokens[sample.num_fed:end],
+                                         len(tokens) >= params.min_tokens)
+        sample.num_fed = len(tokens)
         if logprobs is not None and sample.logprobs is not None:
             sample.logprobs.append(self._logprob_dict(logprobs))
             sample.cumulative_logprob += logprobs[1][0]
@@ -93,7 +110,10 @@ class OutputProcessor:
         if m.first_token_time is None:
             m.first_token_time = now
         m.last_token_time = now
-        state.pending.add(index)
+        # A FINAL_ONLY request has nothing to report until a sample finishes (finish_sample).
+        if state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+            state.pending.add(index)
+            self._news = True
         return stop
 
     def on_scheduled(self, request_id: str, req: Request, now: float) -> None:
@@ -104,14 +124,20 @@ class OutputProcessor:
 
     def finish_sample(self, request_id: str, index: int, reason: str,
                       stop_reason: int | str | None) -> None:
-        sample = self.states[request_id].samples[index]
+        state = self.states[request_id]
+        sample = state.samples[index]
         if sample.finish_reason is None:
             sample.finish_reason, sample.stop_reason = reason, stop_reason
-            self.states[request_id].pending.add(index)
+            state.num_finished += 1
+            state.pending.add(index)
+            self._news = True
 
     def make_outputs(self, now: float) -> list[RequestOutput]:
         """RequestOutputs for the requests with news; finished ones are forgotten."""
-        outputs = []
+        outputs: list[RequestOutput] = []
+        if not self._news:
+            return outputs
+        self._news = False
         for request_id in [r for r, s in self.states.items() if s.pending]:
             state = self.states[request_id]
             output = self._make_output(state, now)
@@ -119,7 +145,7 @@ class OutputProcessor:
             if output is not None:
                 outputs.append(output)
             if state.finished:
-                del self.states[request_id]
+                self._forget(request_id)
         return outputs
 
     def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
@@ -166,4 +192,9 @@ class OutputProcessor:
         return out
 
     def abort(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
+        if request_id in self.states:
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        for sample in self.states.pop(request_id).samples:
+            self.deferred.discard(sample.request.request_id)

@@ -8,11 +8,11 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pagedllm.engine.inputs import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.chat_utils import parse_chat_messages
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
-
-PromptType = str | list[int]
 
 
 class LLM:
@@ -34,8 +34,10 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Completes each prompt (text or token ids); outputs come back in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Completes each prompt; outputs come back in input order. A prompt is text, token ids
+        or a dict ``{"prompt": text}`` / ``{"prompt_token_ids": ids}`` with optional
+        ``"multi_modal_data": {"image": image or [images]}`` (PIL images)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
@@ -60,9 +62,14 @@ class LLM:
         """Generates replies to one conversation or a batch of them (OpenAI-style messages)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts = [tok.encode(tok.apply_chat_template(c, add_generation_prompt=
-                                                      add_generation_prompt),
-                              add_special_tokens=False) for c in conversations]
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            rendered, images = parse_chat_messages(
+                conversation, self.engine.input_processor.supports_images)
+            text = tok.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
+            token_ids = tok.encode(text, add_special_tokens=False)  # the template wrote them
+            prompts.append({"prompt_token_ids": token_ids,
+                            "multi_modal_data": {"image": images}} if images else token_ids)
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

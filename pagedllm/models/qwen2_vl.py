@@ -57,9 +57,11 @@ class VisionAttention(nn.Module):
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, D] each
         q, k = apply_rotary(q.float(), k.float(), cos_sin)  # in float32, as the reference
         q, k = q.to(x.dtype), k.to(x.dtype)
-        # Full (non-causal) attention inside each image, never across images.
-        out = [F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1),
-                                              vi.transpose(0, 1)).transpose(0, 1)
+        # Full (non-causal) attention inside each image, never across images. SDPA gets 4-D
+        # [1, H, N, D] inputs: with 3-D ones the CPU takes a path 5x slower.
+        out = [F.scaled_dot_product_attention(
+                   qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
+                   vi.transpose(0, 1)[None])[0].transpose(0, 1)
                for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens))]
         return self.proj(torch.cat(out).reshape(n, -1))
 

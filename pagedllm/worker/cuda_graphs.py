@@ -29,7 +29,9 @@ class CUDAGraphRunner:
         n, dev = self.sizes[-1], runner.device
         max_blocks = -(-max_model_len // runner.block_size)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        # M-RoPE models take [3, T] positions (temporal, height, width rows).
+        rows = (3,) if runner.arch.mrope_section else ()
+        self.positions = torch.zeros(*rows, n, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
@@ -52,7 +54,7 @@ class CUDAGraphRunner:
         start = time.perf_counter()
         before = torch.cuda.mem_get_info()[0]
         for size in reversed(self.sizes):  # largest first: later graphs reuse its pool
-            ids, pos = self.input_ids[:size], self.positions[:size]
+            ids, pos = self.input_ids[:size], self.positions[..., :size]
             for _ in range(2):  # warm-up: Triton compiles, allocator settles
                 self.runner.forward(ids, pos, self._metadata(size))
             torch.cuda.synchronize()
@@ -78,7 +80,7 @@ class CUDAGraphRunner:
         size = next(s for s in self.sizes if s >= n)
         width = metadata.block_tables.shape[1]
         self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
+        self.positions[..., :n].copy_(positions)
         self.slot_mapping[:n].copy_(metadata.slot_mapping)
         self.slot_mapping[n:size].fill_(-1)
         self.seq_lens[:n].copy_(metadata.seq_lens)

@@ -8,7 +8,6 @@ turned into logits (plus the prompt rows of requests asking for prompt logprobs)
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,12 +23,21 @@ from pagedllm.attention.backend import (
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagedllm.models.arch import ModelArch
+from pagedllm.multimodal.image_processor import ProcessedImage
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.block_table import BlockTables
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
+from pagedllm.worker.multimodal import EncoderCache, StepImages, mrope_positions
 from pagedllm.worker.sampler import Sampler, SamplingTensors, gather_logprobs
 
 # (token ids, logprobs, rank of the first id): the first id is the chosen/actual token.
 LogprobsEntry = tuple[list[int], list[float], int]
+# The float32 columns of SamplingTensors, in the order _sampling_tensors builds them, and the
+# value of each that changes nothing (temperature 0: greedy; the sampling params' ranges make
+# "differs from it" the same as "min_p > 0", "top_p < 1").
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
+_NEUTRAL = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
 
 
 @dataclass
@@ -48,8 +56,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self._block_tables = BlockTables()
         self.graphs: CUDAGraphRunner | None = None
         self.peak_activation_bytes: int | None = None  # measured at start-up on a GPU
+        self.encoder_cache: EncoderCache | None = None  # set up by enable_images()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
@@ -86,12 +96,30 @@ class ModelRunner:
         self.kv_caches = []
         return torch.cuda.max_memory_allocated() - base
 
+    def enable_images(self, budget_tokens: int) -> None:
+        self.encoder_cache = EncoderCache(self.model, self.device, budget_tokens)
+
+    def profile_encoder(self, image: ProcessedImage) -> int:
+        """Peak activation bytes (CUDA) of the vision encoder's largest call: copies of
+        ``image`` (the largest allowed) up to the encoder cache's token budget."""
+        assert self.encoder_cache is not None
+        copies = max(1, self.encoder_cache.budget_tokens // image.num_tokens)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            self.encoder_cache.encode([image] * copies)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
     def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> None:
         self.graphs = CUDAGraphRunner(self, sizes, max_model_len)
         self.graphs.capture()
 
     def free_request(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        if self.encoder_cache is not None:
+            self.encoder_cache.free(request_id)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -103,10 +131,16 @@ class ModelRunner:
         if sampling:
             rows = torch.tensor([row for _, row in sampling], device=self.device)
             tensors = self._sampling_tensors(requests, self.arch.vocab_size)
-        if self.graphs is not None and self.graphs.can_run(metadata):
+        images = None
+        if self.arch.mrope_section:
+            positions = torch.from_numpy(
+                mrope_positions(sched.scheduled, metadata.num_tokens)).to(self.device)
+        if self.encoder_cache is not None:
+            images = self.encoder_cache.step_images(sched.scheduled)
+        if images is None and self.graphs is not None and self.graphs.can_run(metadata):
             hidden = self.graphs.run(input_ids, positions, metadata)
         else:
-            hidden = self.forward(input_ids, positions, metadata)
+            hidden = self.forward(input_ids, positions, metadata, images)
         out = ModelRunnerOutput()
         if sampling:
             self._sample(self.model.compute_logits(hidden[rows]), requests, tensors, out)
@@ -114,11 +148,14 @@ class ModelRunner:
         return out
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                metadata: AttentionMetadata) -> torch.Tensor:
-        """The model over one flattened step. [T] ids and positions -> [T, hidden]."""
+                metadata: AttentionMetadata, images: StepImages | None = None) -> torch.Tensor:
+        """The model over one flattened step: [T] ids and [T] positions ([3, T] for M-RoPE)
+        -> [T, hidden]. ``images`` replace the embeddings of the step's image tokens."""
         self.backend.prepare(metadata, self.block_size)
         with forward_context(ForwardContext(metadata, self.kv_caches, self.backend)):
-            return self.model(input_ids, positions)
+            if images is None:
+                return self.model(input_ids, positions)
+            return self.model(input_ids, positions, images.embeds, images.token_index)
 
     def _prepare_inputs(self, scheduled: list[ScheduledRequest]
                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -130,17 +167,17 @@ class ModelRunner:
         computed = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64,
                                len(scheduled))
         seq_lens = computed + query_lens
-        table = np.zeros((len(scheduled), max(len(s.block_ids) for s in scheduled)), np.int32)
-        for i, s in enumerate(scheduled):
-            table[i, :len(s.block_ids)] = s.block_ids
+        table = self._block_tables.gather(scheduled)
         starts = np.zeros(len(scheduled) + 1, np.int64)
         np.cumsum(query_lens, out=starts[1:])
         owner = np.repeat(np.arange(len(scheduled)), query_lens)  # request of each token
         positions = np.arange(starts[-1]) - starts[owner] + computed[owner]
         slots = table[owner, positions // bs].astype(np.int64) * bs + positions % bs
-        ids = np.fromiter(itertools.chain.from_iterable(
-            s.request.token_ids(c, c + s.num_new_tokens) for s, c in zip(scheduled, computed)),
-            np.int64, int(starts[-1]))
+        token_ids: list[int] = []
+        for s in scheduled:
+            first = s.request.num_computed_tokens
+            token_ids += s.request.token_ids(first, first + s.num_new_tokens)
+        ids = np.array(token_ids, np.int64)
 
         def dev(a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.from_numpy(a).to(self.device, dtype)
@@ -156,9 +193,8 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, requests: list[Request], tensors: SamplingTensors,
                 out: ModelRunnerOutput) -> None:
         result = self.sampler(logits, tensors)
-        token_ids = result.token_ids.tolist()
-        for req, token in zip(requests, token_ids):
-            out.sampled[req.request_id] = token
+        token_ids = result.token_ids.tolist()  # the step's one host sync
+        out.sampled.update(zip([r.request_id for r in requests], token_ids))
         if result.logprobs is None:
             return
         ids, lps, ranks = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
@@ -171,42 +207,51 @@ class ModelRunner:
     def _sampling_tensors(self, requests: list[Request], vocab: int) -> SamplingTensors:
         dev = self.device
         params = [r.sampling_params for r in requests]
-
-        def col(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=dev)
-
+        # One pass over the rows; the flags come from the host copy, and each dtype crosses to
+        # the device in one copy.
+        rows = np.array([(0.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.presence_penalty,
+                          p.frequency_penalty, p.repetition_penalty) for p in params])
+        sampled, top_p, min_p, presence, frequency, repetition = \
+            (rows != _NEUTRAL).any(axis=0).tolist()  # does any row use it
+        top_k = np.fromiter((p.top_k for p in params), np.int64, len(params))
+        floats = torch.from_numpy(np.ascontiguousarray(rows.T, np.float32)).to(dev)  # [6, N]
+        # Rows using a seed, logprobs, logit bias or min_tokens (rare): only these are visited.
+        rare = [i for i, p in enumerate(params) if p.seed is not None or p.logprobs is not None
+                or p.logit_bias or p.min_tokens]
+        generators: list[torch.Generator | None] = [None] * len(params)
+        for i in rare:
+            generators[i] = self._generator(requests[i])
         t = SamplingTensors(
-            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params],
-                                     device=dev),
-            top_p=col("top_p"), top_k=col("top_k", torch.int64), min_p=col("min_p"),
-            presence_penalty=col("presence_penalty"),
-            frequency_penalty=col("frequency_penalty"),
-            repetition_penalty=col("repetition_penalty"),
-            generators=[self._generator(r) for r in requests],
-            max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None),
-                                 default=-1),
-            all_greedy=all(p.greedy for p in params),
-            use_min_p=any(p.min_p > 0 for p in params),
-            use_top_k=any(p.top_k > 0 for p in params),
-            use_top_p=any(p.top_p < 1 for p in params))
-        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-               for p in params):
+            **dict(zip(_FLOAT_PARAMS, floats.unbind())), top_k=torch.from_numpy(top_k).to(dev),
+            generators=generators,
+            max_num_logprobs=max((params[i].logprobs for i in rare
+                                  if params[i].logprobs is not None), default=-1),
+            all_greedy=not sampled, use_min_p=min_p, use_top_k=bool(top_k.any()),
+            use_top_p=top_p)
+        if presence or frequency or repetition:
             t.output_counts = self._token_counts([r.output_token_ids for r in requests], vocab)
-        if any(p.repetition_penalty != 1.0 for p in params):
+        if repetition:
             t.prompt_mask = self._token_counts([r.prompt_token_ids for r in requests], vocab) > 0
+        self._bias_and_ban(t, requests, rare, vocab)
+        return t
+
+    def _bias_and_ban(self, t: SamplingTensors, requests: list[Request], rare: list[int],
+                      vocab: int) -> None:
+        """Logit bias and the min_tokens ban, [N, vocab] each, if any row uses them."""
+        n, dev = len(requests), self.device
+        params = [requests[i].sampling_params for i in rare]
         if any(p.logit_bias for p in params):
-            t.logit_bias = torch.zeros(len(params), vocab, device=dev)
-            for i, p in enumerate(params):
+            t.logit_bias = torch.zeros(n, vocab, device=dev)
+            for i, p in zip(rare, params):
                 for token, bias in (p.logit_bias or {}).items():
                     t.logit_bias[i, token] = bias
-        banned = [(i, p) for i, (r, p) in enumerate(zip(requests, params))
-                  if r.num_output_tokens < p.min_tokens]
+        banned = [(i, p) for i, p in zip(rare, params)
+                  if requests[i].num_output_tokens < p.min_tokens]
         if banned:
-            t.banned = torch.zeros(len(params), vocab, dtype=torch.bool, device=dev)
+            t.banned = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
             for i, p in banned:
                 stop = set(p.stop_token_ids) | (set() if p.ignore_eos else p.all_stop_token_ids)
                 t.banned[i, list(stop)] = True
-        return t
 
     def _token_counts(self, token_lists: list[list[int]], vocab: int) -> torch.Tensor:
         """[N, vocab] int64 occurrence counts of each row's tokens."""
@@ -230,12 +275,16 @@ class ModelRunner:
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
                          metadata: AttentionMetadata, out: ModelRunnerOutput) -> None:
+        wanted = [(i, s) for i, s in enumerate(scheduled)
+                  if s.request.sampling_params.prompt_logprobs is not None]
+        if not wanted:
+            return
         starts = metadata.query_starts_cpu
-        for i, s in enumerate(scheduled):
+        for i, s in wanted:
             req, k = s.request, s.request.sampling_params.prompt_logprobs
             first = req.num_computed_tokens
             last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
-            if k is None or first >= last:
+            if first >= last:
                 continue
             rows = hidden[starts[i]:starts[i] + last - first]
             logprobs = self.model.compute_logits(rows).log_softmax(dim=-1)

@@ -48,6 +48,24 @@ def test_growing_across_a_block_boundary() -> None:
     assert kv.num_free_blocks == 8
 
 
+def test_live_block_ids_grow_in_place_until_freed() -> None:
+    """The list the scheduler hands to the runner: the same object while the request holds its
+    blocks (so the runner copies only new ids), a new one after its blocks were freed."""
+    kv = KVCacheManager(num_blocks=10, block_size=16, enable_caching=False)
+    req = make_request("r", range(16))
+    assert kv.allocate(req, 16)
+    live = kv.live_block_ids("r")
+    req.num_computed_tokens = 16
+    req.output_token_ids.append(100)
+    assert kv.allocate(req, 1)
+    assert kv.live_block_ids("r") is live and live == kv.block_ids("r") == [0, 1]
+    kv.free(req)
+    req.num_computed_tokens = 0
+    assert kv.allocate(req, 17)
+    assert kv.live_block_ids("r") is not live and live == [0, 1]
+    assert kv.live_block_ids("r") == kv.block_ids("r")
+
+
 def test_allocate_false_when_short_changes_nothing() -> None:
     kv = KVCacheManager(num_blocks=2, block_size=16, enable_caching=True)
     req = make_request("r", range(33))  # needs 3 blocks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from pagedllm.engine.detokenizer import IncrementalDetokenizer
@@ -197,3 +199,29 @@ def test_decode_token(default_tokenizer: Tokenizer) -> None:
     hello = default_tokenizer.encode(" Hello")
     assert len(hello) == 1 and detok.decode_token(hello[0]) == " Hello"
     assert detok.decode_token(2) == "<|im_end|>"
+
+
+@pytest.mark.parametrize(("skip", "spaces"), [(True, True), (False, False), (False, True)])
+def test_byte_level_shortcut_equals_decoding_the_window(default_tokenizer: Tokenizer,
+                                                        skip: bool, spaces: bool) -> None:
+    """Byte-level tokenizers skip decoding a window of two whole-character tokens (their
+    cached texts are joined); random ids, special tokens and split characters included, give
+    the same deltas as decoding every window."""
+    rng = random.Random(0)
+    text_ids = default_tokenizer.encode("".join(MULTIBYTE) + " plain words, 1234!")
+    vocab = default_tokenizer.vocab_size
+    params = SamplingParams(skip_special_tokens=skip, spaces_between_special_tokens=spaces)
+    shared: dict[int, str] = {}
+    for _ in range(40):
+        ids = [rng.choice([rng.randrange(vocab), rng.randrange(20), rng.choice(text_ids)])
+               for _ in range(30)]
+        prompt = [rng.randrange(vocab) for _ in range(3)]
+        fast = IncrementalDetokenizer(default_tokenizer, prompt, params, shared)
+        slow = IncrementalDetokenizer(default_tokenizer, prompt, params)
+        assert fast._byte_level == (skip or not spaces)
+        slow._byte_level = False
+        for token_id in ids:
+            fast.update([token_id], stop_checking=True)
+            slow.update([token_id], stop_checking=True)
+            assert fast.get_next_output_text(False, True) == slow.get_next_output_text(False, True)
+        assert fast.get_next_output_text(True, False) == slow.get_next_output_text(True, False)

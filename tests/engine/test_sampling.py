@@ -272,6 +272,44 @@ def test_utf8_round_trip_streamed_and_final(llm, tok):
     _assert_pool_whole(llm)
 
 
+def _generate_all(engine, prompts: list[str], params: SamplingParams) -> dict:
+    """(request id, sample index) -> (text, token ids, finish reason), deltas joined."""
+    got: dict = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"kind-{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            for c in out.outputs:
+                text, ids, _ = got.get((out.request_id, c.index), ("", [], None))
+                got[(out.request_id, c.index)] = (text + c.text, ids + c.token_ids,
+                                                  c.finish_reason)
+    return got
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0, max_tokens=6),
+                                    dict(n=2, temperature=1.0, seed=5, max_tokens=8),
+                                    "stop token"])
+def test_final_only_text_made_at_the_end_equals_the_streamed_text(llm, reference, kwargs):
+    """FINAL_ONLY requests without stop strings or logprobs are detokenized only when they
+    finish (the engine skips their tokens in between): same text as token by token."""
+    if kwargs == "stop token":
+        ids = reference[FRANCE]
+        kwargs = dict(temperature=0.0, max_tokens=REF_TOKENS,
+                      stop_token_ids=[ids[_first_new_token(ids, 3)]])
+    prompts = [*UTF8_PROMPTS, FRANCE]
+    engine = llm.engine
+    final = SamplingParams(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)
+    deferred = _generate_all(engine, prompts, final)
+    assert not engine.output_processor.deferred  # forgotten with their requests
+    streamed = _generate_all(engine, prompts, SamplingParams(
+        **kwargs, output_kind=RequestOutputKind.DELTA))
+    assert deferred == streamed
+    assert len(deferred) == len(prompts) * final.n
+    if final.stop_token_ids:
+        assert deferred[("kind-2", 0)][2] == "stop"
+    _assert_pool_whole(llm)
+
+
 # -- validation --------------------------------------------------------------------------------
 
 

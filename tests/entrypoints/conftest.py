@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -87,12 +88,13 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log_path: str) -> N
     pytest.fail("server did not become healthy in time")
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def launch_server(*args: str) -> Iterator[Server]:
+    """``pagedllm serve`` with the shared test flags plus ``args``, in a subprocess."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *args, "--port", str(port),
            "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
            "--kv-cache-memory-bytes", str(512 * 2**20), "--api-key", API_KEY,
            "--disable-uvicorn-access-log"]
@@ -117,3 +119,9 @@ def server() -> Iterator[Server]:
             process.wait()
         log.close()
         os.unlink(log.name)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    with launch_server() as running:
+        yield running

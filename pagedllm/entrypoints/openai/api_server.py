@@ -116,7 +116,7 @@ def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
                 chat_request = ChatCompletionRequest(
                     messages=[ChatMessage.model_validate(m) for m in request.messages],
                     add_generation_prompt=request.add_generation_prompt)
-                tokens = chat.render(chat_request)
+                tokens = (await chat.render(chat_request)).token_ids
             else:
                 tokens = completion.tokenizer.encode(
                     request.prompt or "", add_special_tokens=request.add_special_tokens)

@@ -23,19 +23,6 @@ class ChatMessage(OpenAIModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
-    def for_template(self) -> dict[str, Any]:
-        """The message as chat templates expect it: content parts joined into one string."""
-        message = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            texts = []
-            for part in self.content:
-                if part.get("type") != "text":
-                    raise ValueError(f"Content part type {part.get('type')!r} is not supported; "
-                                     "only 'text' parts are.")
-                texts.append(str(part.get("text", "")))
-            message["content"] = "\n".join(texts)
-        return message
-
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedllm.engine.async_llm import AsyncLLM, OutputStream
+from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.openai.errors import APIError, ModelNotFound
 from pagedllm.entrypoints.openai.logprobs import LogprobFormatter
 from pagedllm.outputs import RequestOutput
@@ -71,7 +72,7 @@ class OpenAIServing:
             raise APIError(f"Requested {param} of {value}, which is greater than the maximum "
                            f"allowed: {self.max_logprobs()}.", param=param)
 
-    async def add(self, request_id: str, prompts: Sequence[list[int]],
+    async def add(self, request_id: str, prompts: Sequence[list[int] | ProcessedPrompt],
                   params: Sequence[SamplingParams]) -> OutputStream:
         """Adds one engine request per prompt (``{request_id}-{i}``); all or none."""
         return await self.engine.add_requests(

@@ -6,6 +6,7 @@ Streaming sends each choice's ``role: assistant`` chunk first, then content delt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedllm.engine.async_llm import OutputStream
+from pagedllm.engine.inputs import ProcessedPrompt
+from pagedllm.entrypoints.chat_utils import parse_chat_messages
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import ChatLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -37,19 +40,22 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         model = self.model_name(request.model)
         self._check(request)
-        token_ids = self.render(request)
-        params = self._params(request, token_ids)
+        prompt = await self.render(request)
+        params = self._params(request, prompt.token_ids)
         request_id = random_id("chatcmpl")
-        stream = await self.add(request_id, [token_ids], [params])
+        stream = await self.add(request_id, [prompt], [params])
         job = _ChatJob(self, request, request_id, model)
         return await respond(raw, job, stream, bool(request.stream))
 
-    def render(self, request: ChatCompletionRequest) -> list[int]:
-        """The conversation through the chat template, as token ids."""
+    async def render(self, request: ChatCompletionRequest) -> ProcessedPrompt:
+        """The conversation through the chat template, as token ids with its images."""
         if not request.messages:
             raise APIError("messages must not be empty.", param="messages")
+        processor = self.engine.engine.input_processor
         try:
-            messages = [m.for_template() for m in request.messages]
+            messages, images = parse_chat_messages(
+                [m.model_dump(exclude_none=True) for m in request.messages],
+                processor.supports_images)
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
         try:
@@ -59,7 +65,14 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(f"The chat template could not render the messages: {e}",
                            param="messages") from None
         # The template writes the special tokens (BOS included) itself.
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        token_ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if not images:
+            return ProcessedPrompt(token_ids, text)
+        try:  # decoding and resizing images is CPU work: off the event loop
+            return await asyncio.to_thread(processor.process, {
+                "prompt_token_ids": token_ids, "multi_modal_data": {"image": images}})
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
 
     def _check(self, request: ChatCompletionRequest) -> None:
         self.check_stream_options(request)

@@ -1,0 +1,52 @@
+"""OpenAI-style chat messages -> what the chat template renders, plus the images they carry.
+
+Content may be a string or a list of parts: ``{"type": "text", "text": ...}``,
+``{"type": "image_url", "image_url": {"url": ...}}`` (a data URL, or file/http URLs where the
+server allows them) and, offline, ``{"type": "image_pil", "image_pil": <PIL image>}``. For an image
+model the parts reach the template as a list (images as ``{"type": "image"}``, so the template
+writes the model's placeholder); for a text model the text parts are joined into one string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def parse_chat_messages(messages: list[dict[str, Any]], takes_images: bool
+                        ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """(messages for the template, image sources in order). Raises ValueError on a part it
+    cannot take."""
+    rendered, images = [], []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            rendered.append(message)
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": str(part.get("text", ""))})
+            elif kind in ("image_url", "image_pil"):
+                if not takes_images:
+                    raise ValueError("This model does not take image inputs; only 'text' "
+                                     "content parts are supported.")
+                images.append(_image_source(part, kind))
+                parts.append({"type": "image"})
+            else:
+                raise ValueError(f"Content part type {kind!r} is not supported; use 'text'"
+                                 + (", 'image_url' or 'image_pil'." if takes_images else "."))
+        if not takes_images:
+            parts = "\n".join(p["text"] for p in parts)
+        rendered.append({**message, "content": parts})
+    return rendered, images
+
+
+def _image_source(part: dict[str, Any], kind: str) -> Any:
+    value = part.get(kind)
+    if kind == "image_url" and isinstance(value, dict):
+        value = value.get("url")
+    if value is None or (kind == "image_url" and not isinstance(value, str)):
+        raise ValueError(f"A {kind!r} content part needs its {kind!r} field"
+                         + (" with a 'url' string." if kind == "image_url" else "."))
+    return value
