@@ -35,6 +35,12 @@ class RequestInput:
     ignore_eos: bool = False
     temperature: float = 0.0
     extra_body: dict[str, Any] | None = None  # merged into the JSON body (server-specific)
+    images: tuple[str, ...] = ()  # image URLs (data URLs), sent as image_url parts after the text
+
+    def __post_init__(self) -> None:
+        if self.images and not self.is_chat:
+            raise ValueError(f"images need the chat endpoint (/v1/chat/completions), not "
+                             f"{self.api_url}")
 
     @property
     def is_chat(self) -> bool:
@@ -72,7 +78,11 @@ def build_payload(request: RequestInput) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if request.is_chat:
+    if request.images:
+        content = [{"type": "text", "text": request.prompt}] + [
+            {"type": "image_url", "image_url": {"url": url}} for url in request.images]
+        payload["messages"] = [{"role": "user", "content": content}]
+    elif request.is_chat:
         payload["messages"] = [{"role": "user", "content": request.prompt}]
     else:
         payload["prompt"] = request.prompt

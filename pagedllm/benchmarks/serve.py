@@ -25,7 +25,7 @@ import aiohttp
 import numpy as np
 from tqdm import tqdm
 
-from pagedllm.benchmarks.datasets import SampleRequest, build_requests
+from pagedllm.benchmarks.datasets import DEFAULT_MM_BUCKETS, SampleRequest, build_requests
 from pagedllm.benchmarks.request_client import (
     CLIENT_TIMEOUT,
     RequestInput,
@@ -44,6 +44,7 @@ from pagedllm.benchmarks.serve_metrics import (
 logger = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+CHAT_ENDPOINT = ENDPOINTS[1]
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ async def run_requests(requests: Sequence[SampleRequest], config: ServeConfig) -
         model = config.model or await fetch_model_id(session, config.base_url)
         inputs = [RequestInput(config.api_url, model, r.prompt, r.expected_output_len,
                                r.prompt_len, config.ignore_eos, config.temperature,
-                               config.extra_body)
+                               config.extra_body, r.images)
                   for r in requests]
         probe = await send_request(session, inputs[0])
         if not probe.success:
@@ -162,14 +163,18 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--base-url", default=None, help="Server URL; overrides --host/--port.")
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--endpoint", default="/v1/completions", choices=ENDPOINTS)
+    server.add_argument("--endpoint", default=None, choices=ENDPOINTS,
+                        help=f"Default: {CHAT_ENDPOINT} for random-mm (its images need it), "
+                             f"else {ENDPOINTS[0]}.")
     server.add_argument("--model", default=None, help="Model name. Default: ask /v1/models.")
     server.add_argument("--tokenizer", default=None,
                         help="Model path for the tokenizer. Default: pagedllm's default model.")
     data = parser.add_argument_group("dataset")
-    data.add_argument("--dataset-name", default="random", choices=["random", "sharegpt", "custom"],
-                      help="random token prompts, or a file (--dataset-path): sharegpt = "
-                           "ShareGPT JSON/JSONL, custom = JSONL of {\"prompt\": ...}.")
+    data.add_argument("--dataset-name", default="random",
+                      choices=["random", "random-mm", "sharegpt", "custom"],
+                      help="random token prompts (random-mm: with random images, chat endpoint "
+                           "only), or a file (--dataset-path): sharegpt = ShareGPT JSON/JSONL, "
+                           "custom = JSONL of {\"prompt\": ...}.")
     data.add_argument("--dataset-path", default=None)
     data.add_argument("--num-prompts", type=int, default=1000)
     data.add_argument("--random-input-len", type=int, default=1024)
@@ -178,6 +183,13 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
                       help="Lengths uniform in [len*(1-r), len*(1+r)].")
     data.add_argument("--random-prefix-len", type=int, default=0,
                       help="Random tokens shared by every prompt, before its own.")
+    data.add_argument("--random-mm-base-items-per-request", type=int, default=1,
+                      help="random-mm: images per request (mean).")
+    data.add_argument("--random-mm-num-mm-items-range-ratio", type=float, default=0.0,
+                      help="random-mm: images per request uniform in [n*(1-r), n*(1+r)].")
+    data.add_argument("--random-mm-bucket-config", default=DEFAULT_MM_BUCKETS,
+                      help="random-mm: image sizes as a Python dict {(height, width, 1): "
+                           "probability}, e.g. '{(224, 224, 1): 1.0}'.")
     data.add_argument("--sharegpt-output-len", type=int, default=None,
                       help="max_tokens for every file prompt (default: the record's answer).")
     load = parser.add_argument_group("load")
@@ -207,7 +219,12 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     base_url = args.base_url or f"http://{args.host}:{args.port}"
-    return ServeConfig(base_url, args.endpoint, args.model, args.request_rate, args.burstiness,
+    images = args.dataset_name == "random-mm"
+    endpoint = args.endpoint or (CHAT_ENDPOINT if images else ENDPOINTS[0])
+    if images and endpoint != CHAT_ENDPOINT:
+        raise ValueError(f"--dataset-name random-mm sends images, which only the chat endpoint "
+                         f"takes: use --endpoint {CHAT_ENDPOINT} (its default), not {endpoint}")
+    return ServeConfig(base_url, endpoint, args.model, args.request_rate, args.burstiness,
                        args.max_concurrency, args.ignore_eos, args.temperature, args.num_warmups,
                        args.seed, args.disable_tqdm, args.extra_body)
 

@@ -1,8 +1,8 @@
 """A word-level fake tokenizer and an in-process OpenAI-shaped streaming server for the benchmarks.
 
 The server streams ``max_tokens`` tokens, ``tokens_per_chunk`` per SSE chunk, then a bare
-finish chunk and a usage chunk; its prompt count is the prompt's word count plus one (a BOS).
-A prompt containing "FAIL" gets HTTP 500.
+finish chunk and a usage chunk; its prompt count is the prompt's word count plus one (a BOS), plus
+``IMAGE_TOKENS`` per image_url part of a chat message. A prompt containing "FAIL" gets HTTP 500.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 BOS = 0
+IMAGE_TOKENS = 10  # what the fake server counts per image
 
 
 class WordTokenizer:
@@ -51,9 +52,9 @@ class FakeServer:
     port: int = 0
 
     @staticmethod
-    def prompt_tokens(text: str) -> int:
+    def prompt_tokens(text: str, num_images: int = 0) -> int:
         """What the server reports as a prompt's token count."""
-        return len(text.split()) + 1
+        return len(text.split()) + 1 + IMAGE_TOKENS * num_images
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -70,16 +71,21 @@ class FakeServer:
         self.payloads.append(body)
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        num_images = 0
+        if isinstance(prompt, list):  # content parts: text and image_url
+            num_images = sum(part["type"] == "image_url" for part in prompt)
+            prompt = " ".join(part["text"] for part in prompt if part["type"] == "text")
         if "FAIL" in prompt:
             return web.Response(status=500, text="injected failure")
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return await self._stream(request, body, prompt, chat)
+            return await self._stream(request, body, self.prompt_tokens(prompt, num_images),
+                                      chat)
         finally:
             self.in_flight -= 1
 
-    async def _stream(self, request: web.Request, body: dict, prompt: str,
+    async def _stream(self, request: web.Request, body: dict, prompt_tokens: int,
                       chat: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -102,7 +108,7 @@ class FakeServer:
             await send({"choices": [choice(" tok" * k)]})
         await send({"choices": [choice("", "length")]})
         if self.send_usage and body.get("stream_options", {}).get("include_usage"):
-            p = self.prompt_tokens(prompt)
+            p = prompt_tokens
             await send({"choices": [], "usage": {"prompt_tokens": p, "completion_tokens": n,
                                                  "total_tokens": p + n}})
         await send("[DONE]")

@@ -1,14 +1,22 @@
-"""Random and file datasets for bench serve."""
+"""Random (text and random-mm) and file datasets for bench serve."""
 
+import argparse
+import base64
+import io
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pagedllm.benchmarks.datasets import (
     DEFAULT_FILE_OUTPUT_LEN,
+    DEFAULT_MM_BUCKETS,
+    build_requests,
     length_range,
     load_file_requests,
+    parse_bucket_config,
+    sample_random_mm_requests,
     sample_random_requests,
 )
 
@@ -134,3 +142,82 @@ def test_file_errors(tmp_path: Path, tokenizer) -> None:
         bad = tmp_path / "bad.json"
         bad.write_text("[1, 2]")
         load_file_requests(bad, tokenizer, 1)
+
+
+def _decode(url: str) -> Image.Image:
+    header, data = url.split(",", 1)
+    assert header == "data:image/png;base64"
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def test_random_mm_requests_carry_images_of_the_drawn_sizes(tokenizer) -> None:
+    buckets = "{(28, 56, 1): 3, (40, 30, 1): 1, (720, 1280, 16): 0.0}"  # (height, width, frames)
+    reqs = sample_random_mm_requests(tokenizer, 40, input_len=12, output_len=5,
+                                     base_items_per_request=2, num_items_range_ratio=0.5,
+                                     bucket_config=buckets, seed=4)
+    counts = [len(r.images) for r in reqs]
+    assert set(counts) == {1, 2, 3}  # [floor(2 * 0.5), ceil(2 * 1.5)]
+    images = [_decode(url) for r in reqs for url in r.images]
+    sizes = [image.size for image in images]  # (width, height)
+    assert set(sizes) == {(56, 28), (30, 40)}
+    assert 0.6 < sizes.count((56, 28)) / len(sizes) < 0.9  # probability 3/4
+    assert all(image.mode == "RGB" for image in images)
+    assert len({image.tobytes() for image in images}) == len(images)  # fresh noise each
+    # The text is the random dataset's for the same seed; images come from their own stream.
+    text = sample_random_requests(tokenizer, 40, input_len=12, output_len=5, seed=4)
+    assert [(r.prompt, r.prompt_len, r.expected_output_len) for r in reqs] == [
+        (t.prompt, t.prompt_len, t.expected_output_len) for t in text]
+
+
+def test_random_mm_is_seeded(tokenizer) -> None:
+    def make(seed: int) -> list[tuple[str, ...]]:
+        return [r.images for r in sample_random_mm_requests(
+            tokenizer, 3, 4, 2, bucket_config="{(16, 16, 1): 1.0}", seed=seed)]
+
+    assert make(1) == make(1)
+    assert make(1) != make(2)
+    assert all(len(images) == 1 for images in make(1))  # base 1, no range: exactly one each
+
+
+def test_bucket_config_is_normalized_and_images_only() -> None:
+    assert parse_bucket_config(DEFAULT_MM_BUCKETS) == {(256, 256): 0.5, (1280, 720): 0.5}
+    assert parse_bucket_config("{(224, 224, 1): 2, (720, 1280, 16): 0.0}") == {(224, 224): 1.0}
+    bad = {
+        "{(224, 224, 1): 1.0": "not a Python literal",
+        "[(224, 224, 1)]": "non-empty dict",
+        "{}": "non-empty dict",
+        "{(224, 224): 1.0}": "height, width, num_frames",
+        "{(0, 224, 1): 1.0}": "height, width, num_frames",
+        "{(224, 224, 1.0): 1.0}": "height, width, num_frames",
+        "{(224, 224, 8): 0.5}": "only images",
+        "{(224, 224, 1): -1}": "finite number >= 0",
+        "{(224, 224, 1): 1e999}": "finite number >= 0",  # inf
+        "{(224, 224, 1): True}": "finite number >= 0",
+        "{(224, 224, 1): 0}": "no bucket has a positive probability",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            parse_bucket_config(text)
+
+
+def test_random_mm_rejects_bad_item_counts(tokenizer) -> None:
+    with pytest.raises(ValueError, match="base-items-per-request"):
+        sample_random_mm_requests(tokenizer, 2, 4, 2, base_items_per_request=-1)
+    with pytest.raises(ValueError, match="num-mm-items-range-ratio"):
+        sample_random_mm_requests(tokenizer, 2, 4, 2, num_items_range_ratio=1.5)
+
+
+def test_build_requests_random_mm(tokenizer, monkeypatch) -> None:
+    from pagedllm.benchmarks import datasets
+
+    monkeypatch.setattr(datasets, "load_tokenizer", lambda path: tokenizer)
+    args = argparse.Namespace(
+        dataset_name="random-mm", dataset_path=None, tokenizer=None, num_prompts=3,
+        random_input_len=6, random_output_len=4, random_range_ratio=0.0, random_prefix_len=0,
+        random_mm_base_items_per_request=2, random_mm_num_mm_items_range_ratio=0.0,
+        random_mm_bucket_config="{(32, 48, 1): 1.0}", seed=0)
+    reqs = build_requests(args)
+    assert [len(r.images) for r in reqs] == [2, 2, 2]
+    assert {_decode(url).size for r in reqs for url in r.images} == {(48, 32)}

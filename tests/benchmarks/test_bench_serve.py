@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 
 from pagedllm.benchmarks import datasets
-from pagedllm.benchmarks.datasets import SampleRequest, sample_random_requests
+from pagedllm.benchmarks.datasets import (
+    SampleRequest,
+    sample_random_mm_requests,
+    sample_random_requests,
+)
 from pagedllm.benchmarks.request_client import RequestInput, send_request
 from pagedllm.benchmarks.serve import ServeConfig, arrival_gaps, run_benchmark, run_requests
 from pagedllm.entrypoints.cli import main as cli_main
+from tests.benchmarks.conftest import IMAGE_TOKENS
 
 
 def _report_rows(text: str) -> dict[str, str]:
@@ -147,3 +152,39 @@ def test_cli_rejects_bad_flags(fake_server, tokenizer, monkeypatch) -> None:
     assert cli_main(base + ["--goodput", "itl:5"]) == 2
     assert cli_main(base + ["--dataset-name", "sharegpt"]) == 2  # no --dataset-path
     assert cli_main(base + ["--request-rate", "0"]) == 2
+
+
+def test_cli_random_mm_sends_images_to_the_chat_endpoint(fake_server, tokenizer, monkeypatch,
+                                                          capsys) -> None:
+    monkeypatch.setattr(datasets, "load_tokenizer", lambda path: tokenizer)
+    rc = cli_main(["bench", "serve", "--base-url", fake_server.base_url, "--disable-tqdm",
+                   "--dataset-name", "random-mm", "--num-prompts", "4",
+                   "--random-input-len", "6", "--random-output-len", "3",
+                   "--random-mm-base-items-per-request", "2",
+                   "--random-mm-bucket-config", "{(28, 28, 1): 1.0}", "--seed", "5"])
+    assert rc == 0
+    content = fake_server.payloads[-1]["messages"][0]["content"]
+    assert [part["type"] for part in content] == ["text", "image_url", "image_url"]
+    assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    expected = sample_random_mm_requests(tokenizer, 4, 6, 3, base_items_per_request=2,
+                                         bucket_config="{(28, 28, 1): 1.0}", seed=5)
+    assert content[0]["text"] == expected[-1].prompt
+    assert tuple(p["image_url"]["url"] for p in content[1:]) == expected[-1].images
+    # The report counts the server's prompt tokens, image tokens included.
+    rows = _report_rows(capsys.readouterr().out)
+    assert int(rows["Total input tokens:"]) == sum(
+        fake_server.prompt_tokens(r.prompt) + 2 * IMAGE_TOKENS for r in expected)
+
+
+def test_random_mm_needs_the_chat_endpoint(fake_server, tokenizer, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(datasets, "load_tokenizer", lambda path: tokenizer)
+    base = ["bench", "serve", "--base-url", fake_server.base_url, "--disable-tqdm",
+            "--dataset-name", "random-mm", "--num-prompts", "1"]
+    assert cli_main(base + ["--endpoint", "/v1/completions"]) == 2
+    assert "use --endpoint /v1/chat/completions" in caplog.text
+    assert cli_main(base + ["--random-mm-bucket-config", "{(28, 28, 4): 1.0}"]) == 2
+    assert "only images" in caplog.text
+    assert not fake_server.payloads  # refused before sending anything
+    with pytest.raises(ValueError, match="chat endpoint"):
+        RequestInput(f"{fake_server.base_url}/v1/completions", "m", "hi", 3,
+                     images=("data:image/png;base64,",))
