@@ -97,11 +97,48 @@ def make_llm(config: str, **kwargs) -> LLM:
     return LLM(os.path.join(CONFIGS, config), load_format="dummy", dtype="bfloat16", **kwargs)
 
 
+class GpuSpans:
+    """Where a run's time goes: each step's launch is bracketed by CUDA events on the stream,
+    so their sum is the GPU's span of the steps (kernels, and any gap the host leaves while
+    it queues a step); wall time minus it is the GPU idle between steps."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = llm.engine.runner
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+
+    def __enter__(self) -> GpuSpans:
+        launch = self.original = self.runner.launch
+
+        def timed(sched):  # noqa: ANN001, ANN202
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            out = launch(sched)
+            end.record()
+            self.events.append((start, end, len(sched.scheduled)))
+            return out
+
+        self.runner.launch = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runner.launch = self.original
+
+    def summary(self, wall_s: float) -> str:
+        torch.cuda.synchronize()
+        gpu = sum(a.elapsed_time(b) for a, b, _ in self.events) / 1000
+        reqs = [n for _, _, n in self.events]
+        return (f"{len(reqs)} steps (median {int(np.median(reqs))} requests), wall {wall_s:.2f}"
+                f" s, GPU span of steps {gpu:.2f} s ({100 * gpu / wall_s:.0f}%), GPU idle between "
+                f"steps {wall_s - gpu:.2f} s, mean step {1000 * wall_s / len(reqs):.2f} ms")
+
+
 def throughput_row(config: str, workload: Workload, bw: float, target: str,
                    max_num_seqs: int = 256) -> tuple[Row, LLM]:
     llm = make_llm(config, max_num_seqs=max_num_seqs, max_model_len=4096)
     run_pagedllm(llm, Workload(workload.prompts[:4], [8] * 4), "warm-up")
-    result = run_pagedllm(llm, workload)
+    with GpuSpans(llm) as spans:
+        result = run_pagedllm(llm, workload)
+    print(f"{config}: {spans.summary(result.seconds)}")
     roof = roofline_tokens_per_s(llm, workload, max_num_seqs, bw)
     return Row(f"{config}: {len(workload.prompts)} reqs throughput",
                result.output_tokens_per_s, "tok/s", roof, target), llm
@@ -142,19 +179,34 @@ def batch1_row(config: str, bw: float, target: str) -> Row:
     return Row(f"{config}: batch-1 decode step", step_ms, "ms", roof_ms, target)
 
 
-def profile_decode(config: str, batch: int, steps: int = 20) -> None:
-    """cProfile of decode steps at a given batch size: where the host time goes."""
+def profile_decode(config: str, batch: int, prompt_len: int, steps: int = 20) -> None:
+    """Decode steps of ``batch`` requests with distinct ``prompt_len``-token prompts: wall time
+    per step, then cProfile (host) and torch.profiler (kernels) of the same steps."""
     import cProfile
     import pstats
 
     llm = make_llm(config, max_num_seqs=max(batch, 8), max_model_len=4096)
-    params = SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=3 * steps + 40, ignore_eos=True)
     engine = llm.engine
+    rng = random.Random(0)
     for i in range(batch):
-        engine.add_request(f"p{i}", list(range(100, 356)), params)
-    for _ in range(10):
+        engine.add_request(f"p{i}", [rng.randrange(100, 10000) for _ in range(prompt_len)],
+                           params)
+    while engine.scheduler.waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(5):
         engine.step()
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = 1000 * (time.perf_counter() - start) / steps
+    context = sum(r.num_tokens for r in engine.scheduler.running)
+    floor = (context * memory.kv_bytes_per_token(engine.runner.arch, torch.bfloat16)
+             + memory.loaded_weight_bytes(engine.runner.model)) / copy_bandwidth()
+    print(f"\n== {config} decode batch {batch}, context ~{prompt_len}: {ms:.2f} ms/step "
+          f"(roofline {1000 * floor:.2f} ms: weights + {context} tokens of KV) ==")
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
@@ -162,8 +214,20 @@ def profile_decode(config: str, batch: int, steps: int = 20) -> None:
         engine.step()
     profiler.disable()
     ms = 1000 * (time.perf_counter() - start) / steps
-    print(f"\n== {config} decode batch {batch}: {ms:.2f} ms/step ==")
+    print(f"\n== {config} decode batch {batch}: {ms:.2f} ms/step under cProfile ==")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+    wall = 1000 * (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1000
+    print(f"== {config} decode batch {batch}: {wall:.2f} ms/step wall under torch.profiler, "
+          f"{gpu / steps:.2f} ms/step of kernels ==")
+    print(events.table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=60))
     del engine
     release(llm)
 
@@ -183,8 +247,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.profile:
-        profile_decode("llama-3.2-1b", 1)
-        profile_decode("qwen3-0.6b", 256)
+        profile_decode("llama-3.2-1b", 1, 128)
+        profile_decode("qwen3-0.6b", 256, 768)
         return
     bw = copy_bandwidth()
     n_nano, n_8b = (64, 100) if args.quick else (256, 500)

@@ -73,6 +73,9 @@ class SchedulerConfig:
         "max_model_len."))
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "Split long prompts over several steps to fit the token budget."))
+    async_scheduling: bool | None = field(default=None, metadata=_help(
+        "Schedule and prepare step N+1 while the GPU runs step N. Default: on with CUDA, off on "
+        "the CPU (where it gains nothing)."))
     max_model_len: int = field(default=0, metadata={"cli": False})
 
     def __post_init__(self) -> None:

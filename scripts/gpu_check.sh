@@ -17,5 +17,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 status=0
 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/gpu 2>&1 | tail -n 25 || status=1
+# Qwen2-VL-7B shape, one 448x448 image per prompt: pagedllm against transformers' generate.
+python3 -m pagedllm.entrypoints.cli bench throughput benchmarks/configs/qwen2-vl-7b-instruct \
+  --load-format dummy --workload random-mm --num-prompts 64 --image-size 448x448 \
+  --input-len 32 --output-len 64 --compare-transformers --hf-batch-sizes 16 \
+  --kv-cache-memory-bytes 8589934592 2>&1 | grep -v "Processed prompts" | tail -n 4 || status=1
 python3 benchmarks/gpu_bench.py "$@" 2>&1 | grep -v "Processed prompts" || status=1
 exit $status

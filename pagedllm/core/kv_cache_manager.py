@@ -83,7 +83,7 @@ class KVCacheManager:
         total = num_computed + num_new_tokens
         if not cached and total <= len(blocks) * bs:  # a decode within its block
             if self.enable_caching and total // bs > self._num_registered.get(request_id, 0):
-                self._register_full_blocks(request, blocks, total)
+                self._register_full_blocks(request, blocks, min(total, request.num_tokens))
             return True
         needed = -(-total // bs) - len(blocks) - len(cached)
         # Touching a cached block that nobody references also takes it off the free queue.
@@ -96,7 +96,8 @@ class KVCacheManager:
         if needed > 0:
             blocks.extend(self.pool.allocate(needed))
         self._block_ids[request_id].extend(b.block_id for b in blocks[start:])
-        self._register_full_blocks(request, blocks, total)
+        # A token still being sampled (async scheduling) is not hashed: its block waits.
+        self._register_full_blocks(request, blocks, min(total, request.num_tokens))
         return True
 
     def free(self, request: Request) -> None:

@@ -39,8 +39,9 @@ _FINISH_REASONS = {
 
 @dataclass(eq=False)
 class Request:
-    """Invariant: ``num_computed_tokens <= num_tokens``; the tokens in between are what the
-    scheduler still owes this request (a prompt chunk, or the last sampled token)."""
+    """Invariant: ``num_computed_tokens <= num_tokens + num_pending``; the tokens in between
+    are what the scheduler still owes this request (a prompt chunk, or the last sampled token,
+    which with async scheduling may still be on its way from the GPU)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -50,7 +51,9 @@ class Request:
     # can reuse the prompt's KV blocks through the prefix cache instead of computing them again.
     wait_for: Request | None = None
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # including the tokens of steps scheduled, even in flight
+    # Tokens being sampled by a step in flight (0 or 1): scheduled for computing, not yet known.
+    num_pending: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
@@ -87,7 +90,8 @@ class Request:
 
     @property
     def ready(self) -> bool:
-        """False while waiting for a sibling to compute the shared prompt."""
+        """False while waiting for a sibling to compute the shared prompt, or (preempted) for
+        its last token to arrive from a step in flight."""
         parent = self.wait_for
-        return parent is None or parent.is_finished or (
-            parent.num_computed_tokens >= parent.num_prompt_tokens)
+        return self.num_pending == 0 and (parent is None or parent.is_finished or (
+            parent.num_computed_tokens >= parent.num_prompt_tokens))

@@ -26,12 +26,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at num_computed_tokens
     block_ids: list[int]  # the KV cache manager's live list (see live_block_ids): read only
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the request's last token (so a token is sampled)."""
-        req = self.request
-        return req.num_computed_tokens + self.num_new_tokens == req.num_tokens
+    num_computed_tokens: int  # the request's computed tokens before this step
+    samples: bool  # this step reaches the request's last token, so a token is sampled
 
 
 @dataclass
@@ -90,7 +86,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            owed = req.num_tokens + req.num_pending - req.num_computed_tokens
+            if owed == 0 or self._ends_in_flight(req):
+                i += 1
+                continue
+            n = min(owed, budget)
             while not self.kv_cache.allocate(req, n):
                 victim = self.running.pop()  # lowest priority: the latest admitted
                 self._preempt(victim)
@@ -129,15 +129,30 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
+    def _ends_in_flight(self, req: Request) -> bool:
+        """Whether the token in flight for ``req`` will end it by length (async scheduling):
+        then there is nothing left to compute for it."""
+        if not req.num_pending:
+            return False
+        max_tokens = req.sampling_params.max_tokens
+        return req.num_tokens + req.num_pending >= self.config.max_model_len or (
+            max_tokens is not None and req.num_output_tokens + req.num_pending >= max_tokens)
+
     def _add(self, out: SchedulerOutput, req: Request, n: int, new: bool) -> None:
-        scheduled = ScheduledRequest(req, n, self.kv_cache.live_block_ids(req.request_id))
-        out.scheduled.append(scheduled)
+        start = req.num_computed_tokens
+        samples = start + n == req.num_tokens + req.num_pending
+        out.scheduled.append(ScheduledRequest(
+            req, n, self.kv_cache.live_block_ids(req.request_id), start, samples))
         if new:
             out.num_new_prompts += 1
-        elif req.num_computed_tokens < req.num_prompt_tokens:
+        elif start < req.num_prompt_tokens:
             out.num_prompt_chunks += 1
         else:
             out.num_decodes += 1
+        # Counted as computed from now on, so the next step can be scheduled before this one
+        # has run (async scheduling); the sampled token itself is pending until it arrives.
+        req.num_computed_tokens = start + n
+        req.num_pending += samples
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req)
@@ -150,17 +165,21 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput,
                            sampled: dict[str, int]) -> list[Request]:
-        """Advances computed tokens, appends sampled tokens, applies token-level stop rules.
+        """Appends the step's sampled tokens and applies token-level stop rules. A request that
+        ended meanwhile (aborted, or stopped by the step before with async scheduling) drops
+        its token.
 
         Returns the requests that got a new token this step (finished ones included).
         """
         progressed = []
         for s in out.scheduled:
-            req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            token = sampled.get(req.request_id)
-            if token is None:
+            if not s.samples:
                 continue
+            req = s.request
+            req.num_pending -= 1
+            if req.is_finished:
+                continue
+            token = sampled[req.request_id]
             req.output_token_ids.append(token)
             status = self._check_stop(req, token)
             if status is not None:

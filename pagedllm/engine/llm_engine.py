@@ -16,13 +16,13 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.engine.inputs import InputProcessor, ProcessedPrompt, PromptType
 from pagedllm.engine.output_processor import OutputProcessor
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.tokenizer import Tokenizer
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,12 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.input_processor = input_processor
+        flag = config.scheduler.async_scheduling
+        self.async_scheduling = runner.device.type == "cuda" if flag is None else flag
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        # Requests whose sampling reads their latest tokens on the host (penalties, min_tokens,
+        # logprobs): while any is unfinished, each step completes before the next is scheduled.
+        self._exact: set[str] = set()
         self.runner = runner
         self.model_name = model_name
         self.vocab_size = vocab_size
@@ -93,6 +99,8 @@ class LLMEngine:
             self.scheduler.add_request(child)
         self._children[request_id] = children
         self.output_processor.add(request_id, processed.text, children, params, arrival)
+        if _reads_token_history(params):
+            self._exact.add(request_id)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -133,6 +141,7 @@ class LLMEngine:
             for child in self._children.pop(request_id, []):
                 self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
                 self._forget(child)
+            self._exact.discard(request_id)
             self.output_processor.abort(request_id)
 
     def _forget(self, req: Request) -> None:
@@ -140,23 +149,40 @@ class LLMEngine:
         self.runner.free_request(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._children)
+        return bool(self._children) or self._in_flight is not None
 
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step. With async scheduling, the step is launched on the GPU and the outputs
+        returned are the previous step's, made while this one runs."""
+        if self._in_flight is not None and self._exact:
+            return self._finish_in_flight()  # the next step's sampling needs these tokens
         sched = self.scheduler.schedule()
         self._last_step = (len(sched.scheduled), sched.total_num_tokens)
         if sched.is_empty:
-            return []
+            return self._finish_in_flight()
         now = time.monotonic()
         for s in sched.scheduled:
             req = s.request
-            prompt_left = req.num_prompt_tokens - req.num_computed_tokens
+            prompt_left = req.num_prompt_tokens - s.num_computed_tokens
             if prompt_left > 0:  # a prompt chunk (a request's first step is always one)
                 self.output_processor.on_scheduled(self._parent[req.request_id][0], req, now)
                 self._prompt_tokens += min(prompt_left, s.num_new_tokens)
-        result = self.runner.execute(sched)
+        launched = self.runner.launch(sched)
+        outputs = self._finish_in_flight()
+        self._in_flight = (sched, launched)
+        if not self.async_scheduling or self._exact:
+            outputs += self._finish_in_flight()
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Waits for the step in flight (if any) and applies its tokens."""
+        if self._in_flight is None:
+            return []
+        sched, launched = self._in_flight
+        self._in_flight = None
+        result = launched.result()
         progressed = self.scheduler.update_from_output(sched, result.sampled)
         now = time.monotonic()
         for req_id, entries in result.prompt_logprobs.items():
@@ -192,6 +218,7 @@ class LLMEngine:
             if out.finished:
                 for child in self._children.pop(out.request_id, []):
                     self._forget(child)
+                self._exact.discard(out.request_id)
         return outputs
 
     def get_stats(self) -> EngineStats:
@@ -204,3 +231,10 @@ class LLMEngine:
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.pool.num_blocks,
             step_num_reqs=self._last_step[0], step_num_tokens=self._last_step[1])
+
+
+def _reads_token_history(params: SamplingParams) -> bool:
+    """Whether sampling this request's next token reads its previous ones on the host."""
+    return bool(params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0 or params.min_tokens
+                or params.logprobs is not None or params.prompt_logprobs is not None)

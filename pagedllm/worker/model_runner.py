@@ -27,8 +27,9 @@ from pagedllm.multimodal.image_processor import ProcessedImage
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.block_table import BlockTables
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
+from pagedllm.worker.device_copy import to_device
 from pagedllm.worker.multimodal import EncoderCache, StepImages, mrope_positions
-from pagedllm.worker.sampler import Sampler, SamplingTensors, gather_logprobs
+from pagedllm.worker.sampler import Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 
 # (token ids, logprobs, rank of the first id): the first id is the chosen/actual token.
 LogprobsEntry = tuple[list[int], list[float], int]
@@ -48,6 +49,45 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[LogprobsEntry]] = field(default_factory=dict)
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. Its sampled ids are copied to pinned host memory behind the
+    step's kernels, so waiting for them never waits for a step launched after it."""
+
+    requests: list[Request]  # the sampling rows, in order
+    sampled: SamplerOutput | None = None
+    output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
+    _host_ids: torch.Tensor | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def copy_to_host(self) -> None:
+        ids = self.sampled.token_ids
+        if ids.is_cuda:
+            self._host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host_ids.copy_(ids, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host_ids = ids
+
+    def result(self) -> ModelRunnerOutput:
+        out, result = self.output, self.sampled
+        if result is None:
+            return out
+        if self._ready is not None:
+            self._ready.synchronize()
+        out.sampled.update(zip([r.request_id for r in self.requests], self._host_ids.tolist()))
+        if result.logprobs is None:
+            return out
+        ids, lps, ranks = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
+                           result.sampled_ranks.tolist())
+        for i, req in enumerate(self.requests):
+            k = req.sampling_params.logprobs
+            if k is not None:
+                out.logprobs[req.request_id] = (ids[i][:1 + k], lps[i][:1 + k], ranks[i])
+        return out
+
+
 class ModelRunner:
     def __init__(self, model: nn.Module, arch: ModelArch, backend: AttentionBackend,
                  block_size: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -60,6 +100,8 @@ class ModelRunner:
         self.graphs: CUDAGraphRunner | None = None
         self.peak_activation_bytes: int | None = None  # measured at start-up on a GPU
         self.encoder_cache: EncoderCache | None = None  # set up by enable_images()
+        # The last launched step's sampled ids (on the device) and each request's row in them.
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (2, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
@@ -87,7 +129,7 @@ class ModelRunner:
             blocks = list(range(next_block, next_block + -(-n // bs)))
             next_block += len(blocks)
             req = Request(f"profile-{i}", [0] * n, params)
-            scheduled.append(ScheduledRequest(req, n, blocks))
+            scheduled.append(ScheduledRequest(req, n, blocks, 0, True))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -121,31 +163,40 @@ class ModelRunner:
         if self.encoder_cache is not None:
             self.encoder_cache.free(request_id)
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        """Queues the step on the device and returns at once (on a GPU); ``result()`` waits for
+        its sampled tokens. A request whose last token is still pending from the step launched
+        before takes it straight from that step's output on the device."""
         input_ids, positions, metadata = self._prepare_inputs(sched.scheduled)
         starts = metadata.query_starts_cpu
         sampling = [(s, starts[i + 1] - 1) for i, s in enumerate(sched.scheduled) if s.samples]
         requests = [s.request for s, _ in sampling]
         # Host-to-device copies before the forward is queued, so none of them waits for it.
         if sampling:
-            rows = torch.tensor([row for _, row in sampling], device=self.device)
+            rows = to_device(np.array([row for _, row in sampling]), self.device)
             tensors = self._sampling_tensors(requests, self.arch.vocab_size)
         images = None
         if self.arch.mrope_section:
-            positions = torch.from_numpy(
-                mrope_positions(sched.scheduled, metadata.num_tokens)).to(self.device)
+            positions = to_device(mrope_positions(sched.scheduled, metadata.num_tokens),
+                                  self.device)
         if self.encoder_cache is not None:
             images = self.encoder_cache.step_images(sched.scheduled)
         if images is None and self.graphs is not None and self.graphs.can_run(metadata):
             hidden = self.graphs.run(input_ids, positions, metadata)
         else:
             hidden = self.forward(input_ids, positions, metadata, images)
-        out = ModelRunnerOutput()
+        step = LaunchedStep(requests)
         if sampling:
-            self._sample(self.model.compute_logits(hidden[rows]), requests, tensors, out)
-        self._prompt_logprobs(sched.scheduled, hidden, metadata, out)
-        return out
+            step.sampled = self.sampler(self.model.compute_logits(hidden[rows]), tensors)
+            step.copy_to_host()
+            self._last_sampled = (step.sampled.token_ids,
+                                  {r.request_id: i for i, r in enumerate(requests)})
+        self._prompt_logprobs(sched.scheduled, hidden, metadata, step.output)
+        return step
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 metadata: AttentionMetadata, images: StepImages | None = None) -> torch.Tensor:
@@ -164,7 +215,7 @@ class ModelRunner:
         bs = self.block_size
         query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64,
                                  len(scheduled))
-        computed = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64,
+        computed = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64,
                                len(scheduled))
         seq_lens = computed + query_lens
         table = self._block_tables.gather(scheduled)
@@ -174,13 +225,18 @@ class ModelRunner:
         positions = np.arange(starts[-1]) - starts[owner] + computed[owner]
         slots = table[owner, positions // bs].astype(np.int64) * bs + positions % bs
         token_ids: list[int] = []
+        pending: list[tuple[int, str]] = []  # (batch row, request) of tokens still on the device
         for s in scheduled:
-            first = s.request.num_computed_tokens
-            token_ids += s.request.token_ids(first, first + s.num_new_tokens)
+            req, first = s.request, s.num_computed_tokens
+            end = first + s.num_new_tokens
+            token_ids += req.token_ids(first, end)
+            if end > req.num_tokens:  # its last token is being sampled by the step before
+                pending.append((len(token_ids), req.request_id))
+                token_ids.append(0)
         ids = np.array(token_ids, np.int64)
 
         def dev(a: np.ndarray, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.from_numpy(a).to(self.device, dtype)
+            return to_device(a, self.device, dtype)
 
         metadata = AttentionMetadata(
             num_tokens=int(starts[-1]), slot_mapping=dev(slots),
@@ -188,21 +244,12 @@ class ModelRunner:
             block_tables=dev(table, torch.int32), max_query_len=int(query_lens.max()),
             max_seq_len=int(seq_lens.max()), query_lens_cpu=query_lens.tolist(),
             seq_lens_cpu=seq_lens.tolist())
-        return dev(ids), dev(positions), metadata
-
-    def _sample(self, logits: torch.Tensor, requests: list[Request], tensors: SamplingTensors,
-                out: ModelRunnerOutput) -> None:
-        result = self.sampler(logits, tensors)
-        token_ids = result.token_ids.tolist()  # the step's one host sync
-        out.sampled.update(zip([r.request_id for r in requests], token_ids))
-        if result.logprobs is None:
-            return
-        ids, lps, ranks = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
-                           result.sampled_ranks.tolist())
-        for i, req in enumerate(requests):
-            k = req.sampling_params.logprobs
-            if k is not None:
-                out.logprobs[req.request_id] = (ids[i][:1 + k], lps[i][:1 + k], ranks[i])
+        input_ids = dev(ids)
+        if pending:
+            previous, rows = self._last_sampled
+            index = to_device(np.array([[i, rows[r]] for i, r in pending]), self.device)
+            input_ids[index[:, 0]] = previous[index[:, 1]]
+        return input_ids, dev(positions), metadata
 
     def _sampling_tensors(self, requests: list[Request], vocab: int) -> SamplingTensors:
         dev = self.device
@@ -214,7 +261,7 @@ class ModelRunner:
         sampled, top_p, min_p, presence, frequency, repetition = \
             (rows != _NEUTRAL).any(axis=0).tolist()  # does any row use it
         top_k = np.fromiter((p.top_k for p in params), np.int64, len(params))
-        floats = torch.from_numpy(np.ascontiguousarray(rows.T, np.float32)).to(dev)  # [6, N]
+        floats = to_device(np.ascontiguousarray(rows.T, np.float32), dev)  # [6, N]
         # Rows using a seed, logprobs, logit bias or min_tokens (rare): only these are visited.
         rare = [i for i, p in enumerate(params) if p.seed is not None or p.logprobs is not None
                 or p.logit_bias or p.min_tokens]
@@ -222,7 +269,7 @@ class ModelRunner:
         for i in rare:
             generators[i] = self._generator(requests[i])
         t = SamplingTensors(
-            **dict(zip(_FLOAT_PARAMS, floats.unbind())), top_k=torch.from_numpy(top_k).to(dev),
+            **dict(zip(_FLOAT_PARAMS, floats.unbind())), top_k=to_device(top_k, dev),
             generators=generators,
             max_num_logprobs=max((params[i].logprobs for i in rare
                                   if params[i].logprobs is not None), default=-1),
@@ -282,7 +329,7 @@ class ModelRunner:
         starts = metadata.query_starts_cpu
         for i, s in wanted:
             req, k = s.request, s.request.sampling_params.prompt_logprobs
-            first = req.num_computed_tokens
+            first = s.num_computed_tokens
             last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
             if first >= last:
                 continue

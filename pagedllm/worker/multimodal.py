@@ -16,6 +16,7 @@ from torch import nn
 
 from pagedllm.core.scheduler import ScheduledRequest
 from pagedllm.multimodal.image_processor import ProcessedImage
+from pagedllm.worker.device_copy import to_device
 
 
 @dataclass
@@ -47,7 +48,7 @@ class EncoderCache:
         row = 0
         for s in scheduled:
             req = s.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
             for k, f in enumerate(req.images):
                 lo, hi = max(start, f.offset), min(end, f.end)
                 if lo >= hi:
@@ -60,14 +61,14 @@ class EncoderCache:
             row += s.num_new_tokens
         if not pieces:
             return None
-        return StepImages(torch.from_numpy(np.concatenate(index)).to(self.device),
+        return StepImages(to_device(np.concatenate(index), self.device),
                           torch.cat(pieces))
 
     def _encode_new(self, scheduled: list[ScheduledRequest]) -> None:
         todo = []
         for s in scheduled:
             req = s.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
             outputs = self._outputs.setdefault(req.request_id, {}) if req.images else {}
             todo += [(outputs, k, f.image) for k, f in enumerate(req.images)
                      if f.offset < end and f.end > start and k not in outputs]
@@ -94,7 +95,7 @@ def mrope_positions(scheduled: list[ScheduledRequest], num_tokens: int) -> np.nd
     row = 0
     for s in scheduled:
         req, n = s.request, s.num_new_tokens
-        start = req.num_computed_tokens
+        start = s.num_computed_tokens
         if req.mrope is None:
             out[:, row:row + n] = np.arange(start, start + n)
         else:

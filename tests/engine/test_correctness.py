@@ -56,3 +56,31 @@ def test_preemption_matches_transformers(prompt_ids, expected):
               enable_prefix_caching=False)
     _check(llm, prompt_ids, expected)
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_async_scheduling_matches_transformers(prompt_ids, expected):
+    # On the CPU async scheduling gains nothing, but its bookkeeping (tokens in flight, stops
+    # seen a step late, preemption with a token pending) must stay exact: force it on, with
+    # chunks and a cache small enough to preempt.
+    block_bytes = 30 * 2 * 3 * 64 * 4 * 16
+    llm = LLM(kv_cache_memory_bytes=40 * block_bytes, max_model_len=512,
+              max_num_batched_tokens=64, max_num_seqs=8, async_scheduling=True)
+    assert llm.engine.async_scheduling
+    _check(llm, prompt_ids, expected)
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_async_scheduling_stops_at_the_same_text(default_tokenizer):
+    prompts = ["1, 2, 3, 4, 5,", "The capital of France is", "def fibonacci(n):\n    "]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, stop=[" 9", "\n"]),
+              SamplingParams(temperature=0.0, max_tokens=5),
+              SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[198])]
+    sync = LLM(kv_cache_memory_bytes=256 * 2**20, max_model_len=512)
+    lagged = LLM(kv_cache_memory_bytes=256 * 2**20, max_model_len=512, async_scheduling=True)
+    for a, b in zip(sync.generate(prompts, params, use_tqdm=False),
+                    lagged.generate(prompts, params, use_tqdm=False)):
+        assert (a.outputs[0].text, a.outputs[0].token_ids, a.outputs[0].finish_reason,
+                a.outputs[0].stop_reason) == (b.outputs[0].text, b.outputs[0].token_ids,
+                                              b.outputs[0].finish_reason, b.outputs[0].stop_reason)
+    kv = lagged.engine.kv_cache
+    assert kv.num_free_blocks == kv.pool.num_blocks

@@ -39,7 +39,7 @@ def test_gather_equals_the_plain_table_step_after_step() -> None:
         chosen = [r for r in sorted(live) if live[r] and rng.random() < 0.8]
         if not chosen:
             continue
-        scheduled = [ScheduledRequest(requests[r], 1, live[r]) for r in chosen]
+        scheduled = [ScheduledRequest(requests[r], 1, live[r], 0, True) for r in chosen]
         got = tables.gather(scheduled)
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, plain_table(scheduled))
@@ -49,10 +49,11 @@ def test_a_new_list_rewrites_the_row_and_clears_its_tail() -> None:
     tables = BlockTables()
     req = Request("r", [1], SamplingParams())
     first = [5, 6, 7]
-    tables.gather([ScheduledRequest(req, 1, first)])
+    tables.gather([ScheduledRequest(req, 1, first, 0, True)])
     first.append(8)  # grows in place: only the new id is copied
-    np.testing.assert_array_equal(tables.gather([ScheduledRequest(req, 1, first)]),
+    np.testing.assert_array_equal(tables.gather([ScheduledRequest(req, 1, first, 0, True)]),
                                   [[5, 6, 7, 8]])
     other = Request("o", [1], SamplingParams())
-    got = tables.gather([ScheduledRequest(req, 1, [9]), ScheduledRequest(other, 1, [3, 4])])
+    got = tables.gather([ScheduledRequest(req, 1, [9], 0, True),
+                         ScheduledRequest(other, 1, [3, 4], 0, True)])
     np.testing.assert_array_equal(got, [[9, 0], [3, 4]])
