@@ -198,7 +198,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kwargs: dict[str, Any] = {"help": f.metadata.get("help"), "default": None}
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool) or str(f.type).startswith("bool"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif f.metadata.get("json"):
                 kwargs["type"] = _json_arg

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pagedllm.benchmarks.datasets import random_image
+from pagedllm.multimodal import image_tokens
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -134,11 +135,8 @@ def probe_workload(args: argparse.Namespace, vocab_size: int,
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """"224x224" -> (width, height)."""
+    """"224x224" -> (width, height), as an argparse type."""
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-    if width < 1 or height < 1:
-        raise argparse.ArgumentTypeError(f"image sides must be positive, got {text!r}")
-    return width, height
+        return image_tokens.parse_image_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -1,6 +1,7 @@
 """KVCacheManager: each request's block table, and automatic prefix caching.
 
-A request's blocks cover its computed tokens plus the ones scheduled this step. Every full
+A request's blocks cover its ``num_computed_tokens``, which count every step scheduled (those
+still in flight included). Every full
 block is hashed, chained to the hash of the block before it, so one hash names a whole prefix;
 a new request reuses the longest run of cached blocks of its prompt, except that at least its
 last token is always computed (the logits for its first output come from it).

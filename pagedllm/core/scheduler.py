@@ -1,7 +1,9 @@
 """Scheduler: decides, each step, which requests get how many tokens (vLLM V1 style).
 
-There are no prefill and decode phases: every request owes ``num_tokens - num_computed_tokens``
-tokens, and each step pays some of them within two limits, ``max_num_seqs`` requests and
+There are no prefill and decode phases: every request owes
+``num_tokens + num_pending - num_computed_tokens`` tokens (``num_computed_tokens`` counts every
+step scheduled so far, those still on the GPU included; ``num_pending`` is a sampled token still
+on its way), and each step pays some of them within two limits, ``max_num_seqs`` requests and
 ``max_num_batched_tokens`` tokens. Running requests go first (decodes and unfinished prompt
 chunks), then waiting ones in arrival order. When the KV cache runs out, the most recently
 admitted running request is preempted by recompute: its blocks are freed and it goes back to the
@@ -23,8 +25,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ScheduledRequest:
+    """One request's share of a step, fixed at schedule time. ``request.num_computed_tokens``
+    already counts this step (with async scheduling maybe the next one too): the runner reads
+    ``num_computed_tokens`` here, never the request's."""
+
     request: Request
-    num_new_tokens: int  # tokens computed this step, starting at num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, from num_computed_tokens below
     block_ids: list[int]  # the KV cache manager's live list (see live_block_ids): read only
     num_computed_tokens: int  # the request's computed tokens before this step
     samples: bool  # this step reaches the request's last token, so a token is sampled

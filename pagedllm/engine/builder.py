@@ -17,7 +17,7 @@ from pagedllm.layers.norm import RMSNorm
 from pagedllm.models.arch import ModelArch
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
 from pagedllm.models.registry import model_class
-from pagedllm.multimodal.image_processor import ImageProcessorConfig, ProcessedImage, process_image
+from pagedllm.multimodal.image_processor import ImageProcessorConfig, process_image
 from pagedllm.tokenizer import Tokenizer, load_tokenizer, placeholder_tokenizer
 from pagedllm.worker import memory
 from pagedllm.worker.model_runner import ModelRunner
@@ -56,19 +56,16 @@ def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
     runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device)
     processor = build_input_processor(source, arch, config, tokenizer)
-    largest_image = None
     if processor.image_config is not None:
-        largest_image = process_image(Image.new("RGB", processor.image_config.max_image_size()),
-                                      processor.image_config)
         runner.enable_images(max(config.scheduler.max_num_batched_tokens,
-                                 largest_image.num_tokens))
+                                 processor.image_config.max_image_tokens()))
     graph_sizes = [] if device.type != "cuda" or config.device.enforce_eager else \
         memory.default_cuda_graph_sizes(config.scheduler.max_num_seqs)
     kv_bytes = config.cache.kv_cache_memory_bytes
     if kv_bytes is None:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
             _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes,
-                                        largest_image)
+                                        processor.image_config)
     plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
                                 config.model.max_model_len, kv_bytes)
     memory.log_kv_cache_plan(plan, logger, device.type)
@@ -95,14 +92,16 @@ def build_input_processor(source: ModelSource, arch: ModelArch, config: EngineCo
 def _profile_gpu_kv_cache_bytes(runner: ModelRunner, config: EngineConfig, arch: ModelArch,
                                 dtype: torch.dtype, weight_bytes: int,
                                 graph_sizes: list[int],
-                                largest_image: ProcessedImage | None) -> int:
+                                image_config: ImageProcessorConfig | None) -> int:
     """KV cache budget on a GPU: gpu_memory_utilization x total memory, less the weights, the
     measured activation peak of the largest step (or of the vision encoder's largest call, if
     larger), the CUDA-graph reserve and non-torch memory."""
     start = time.perf_counter()
     activation = runner.profile_run(config.scheduler.max_num_batched_tokens,
                                     config.scheduler.max_num_seqs)
-    if largest_image is not None:
+    if image_config is not None:
+        largest_image = process_image(Image.new("RGB", image_config.max_image_size()),
+                                      image_config)
         encoder = runner.profile_encoder(largest_image)
         logger.info("Vision encoder peak: %.2f GiB (images of %d tokens, the largest allowed); "
                     "language model step peak: %.2f GiB", encoder / 2**30,

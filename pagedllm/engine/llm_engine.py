@@ -1,7 +1,9 @@
 """LLMEngine: requests in, RequestOutputs out, one ``step()`` at a time.
 
-``step()`` = schedule -> run the model -> update requests (token-level stop rules) -> detokenize,
-apply stop strings -> outputs. The offline ``LLM`` and the server's ``AsyncLLM`` both drive it.
+``step()`` = schedule -> launch the model -> apply a step's sampled tokens (token-level stop rules)
+-> detokenize, apply stop strings -> outputs. With async scheduling (on a GPU) the tokens applied
+are the previous step's, while this one runs. The offline ``LLM`` and the server's ``AsyncLLM``
+both drive it.
 """
 
 from __future__ import annotations

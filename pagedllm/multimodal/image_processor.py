@@ -167,7 +167,7 @@ def _warn_fixed_settings(pre: dict[str, Any], path: Path) -> None:
                            path, key, value, expected)
 
 
-@dataclass(eq=False)  # compare content_hash, not tensors
+@dataclass(eq=False)  # identity equality (tensors don't compare); content_hash: same picture
 class ProcessedImage:
     """One image, ready for the vision encoder."""
 

@@ -28,7 +28,7 @@ from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.block_table import BlockTables
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
 from pagedllm.worker.device_copy import to_device
-from pagedllm.worker.multimodal import EncoderCache, StepImages, mrope_positions
+from pagedllm.worker.multimodal import EncoderCache, StepImages, step_mrope_positions
 from pagedllm.worker.sampler import Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 
 # (token ids, logprobs, rank of the first id): the first id is the chosen/actual token.
@@ -181,7 +181,7 @@ class ModelRunner:
             tensors = self._sampling_tensors(requests, self.arch.vocab_size)
         images = None
         if self.arch.mrope_section:
-            positions = to_device(mrope_positions(sched.scheduled, metadata.num_tokens),
+            positions = to_device(step_mrope_positions(sched.scheduled, metadata.num_tokens),
                                   self.device)
         if self.encoder_cache is not None:
             images = self.encoder_cache.step_images(sched.scheduled)

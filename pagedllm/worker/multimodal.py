@@ -1,7 +1,7 @@
 """The multimodal part of a step: image embeddings for the scheduled tokens, M-RoPE positions.
 
 The vision encoder runs on an image the first time a scheduled chunk reaches any of its tokens;
-its output waits in the ``EncoderCache`` until the request has computed the image's last token,
+its output waits in the ``EncoderCache`` until a step covering the image's last token is prepared,
 so an image split across prefill chunks is encoded once. A preempted request keeps what it has
 not consumed yet; a finished one drops everything.
 """
@@ -87,7 +87,7 @@ class EncoderCache:
         return self.model.encode_images(pixels, [image.grid_thw for image in images])
 
 
-def mrope_positions(scheduled: list[ScheduledRequest], num_tokens: int) -> np.ndarray:
+def step_mrope_positions(scheduled: list[ScheduledRequest], num_tokens: int) -> np.ndarray:
     """[3, T] positions of a step: an image prompt's own (temporal, height, width) rows, and
     for every other token its sequence position (plus its request's offset after images) in
     all three rows."""
