@@ -17,7 +17,8 @@ from typing import Any
 
 from pagedllm.config import EngineConfig, add_engine_args, engine_kwargs_from_args
 from pagedllm.models.arch import ModelArch
-from pagedllm.multimodal.image_tokens import VISION_WRAPPER_TOKENS, VisionSpec, parse_image_size
+from pagedllm.multimodal.image_processor import ImageProcessorConfig
+from pagedllm.multimodal.image_tokens import VISION_WRAPPER_TOKENS, parse_image_size
 from pagedllm.worker import memory as mem
 
 GiB = mem.GiB
@@ -209,7 +210,8 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
                                        for p in _upto(_PROMPTS, s.max_model_len)]},
     }
     if vision:
-        spec = VisionSpec.from_configs(vision, preprocessor)
+        spec = ImageProcessorConfig.from_dict(preprocessor or {},
+                                              kwargs.get("mm_processor_kwargs"))
         report["images"] = _image_rows(spec, images, s.max_model_len, budget, warnings)
     _check_batching(plan, s.max_num_seqs, budget, warnings)
     report["warnings"], report["errors"] = warnings, errors
@@ -243,17 +245,16 @@ def _steps(prompt: int, budget: int, chunked: bool) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "steps": steps}
 
 
-def _image_rows(spec: VisionSpec, images: list[tuple[int, int]], max_len: int, budget: int,
-                warnings: list[str]) -> list[dict[str, Any]]:
-    """One row per image size, then the bound for any image (max_pixels / 28^2 tokens)."""
+def _image_rows(spec: ImageProcessorConfig, images: list[tuple[int, int]], max_len: int,
+                budget: int, warnings: list[str]) -> list[dict[str, Any]]:
+    """One row per image size, then the bound for any image (about max_pixels / 28^2)."""
     rows = []
     for w, h in images:
         grid = spec.grid(w, h)
         rows.append({"image": f"{w}x{h}", "resized": f"{grid.resized_width}x{grid.resized_height}",
                      "image_tokens": grid.num_tokens})
-    factor = spec.patch_size * spec.merge_size
     rows.append({"image": "any (max_pixels)", "resized": f"<= {spec.max_pixels:,} px",
-                 "image_tokens": spec.max_pixels // factor ** 2})
+                 "image_tokens": spec.max_image_tokens()})
     for row in rows:
         cost = row["image_tokens"] + VISION_WRAPPER_TOKENS
         label = row["image"]

@@ -92,6 +92,12 @@ class ImageProcessorConfig:
             except (OSError, ValueError) as err:
                 raise ValueError(f"cannot read {path}: {err}") from err
             _warn_fixed_settings(pre, path)
+        return cls.from_dict(pre, overrides)
+
+    @classmethod
+    def from_dict(cls, pre: dict[str, Any],
+                  overrides: dict[str, Any] | None = None) -> ImageProcessorConfig:
+        """From a ``preprocessor_config.json``'s contents, then the server's overrides."""
         overrides = dict(overrides or {})
         _check_overrides(overrides)
         limits = pixel_limits(overrides, pixel_limits(pre))

@@ -96,30 +96,6 @@ def pixel_limits(preprocessor: Mapping[str, Any],
     return (default[0] if lo is None else lo, default[1] if hi is None else hi)
 
 
-@dataclass(frozen=True)
-class VisionSpec:
-    """The numbers that size an image, read from ``vision_config`` and, when the model folder
-    has one, ``preprocessor_config.json`` (which may override min_pixels / max_pixels)."""
-
-    patch_size: int = PATCH_SIZE
-    merge_size: int = MERGE_SIZE
-    min_pixels: int = MIN_PIXELS
-    max_pixels: int = MAX_PIXELS
-
-    @classmethod
-    def from_configs(cls, vision_config: dict[str, Any],
-                     preprocessor: dict[str, Any] | None = None) -> VisionSpec:
-        min_pixels, max_pixels = pixel_limits(preprocessor or {})
-        return cls(
-            patch_size=vision_config.get("patch_size", PATCH_SIZE),
-            merge_size=vision_config.get("spatial_merge_size", MERGE_SIZE),
-            min_pixels=min_pixels, max_pixels=max_pixels)
-
-    def grid(self, width: int, height: int) -> ImageGrid:
-        return image_grid(width, height, self.min_pixels, self.max_pixels, self.patch_size,
-                          self.merge_size)
-
-
 def parse_image_size(text: str) -> tuple[int, int]:
     """``"1280x720"`` -> (1280, 720): width, then height."""
     parts = text.lower().replace("*", "x").split("x")

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
+from pagedllm.multimodal.image_processor import ImageProcessorConfig
 from pagedllm.multimodal.image_tokens import (
     MAX_PIXELS,
     MIN_PIXELS,
-    VisionSpec,
     image_grid,
     image_token_count,
     parse_image_size,
@@ -78,13 +78,12 @@ def test_grid_matches_the_image_processor() -> None:
         assert gh * gw // 4 == image_token_count(width, height)
 
 
-def test_vision_spec_reads_the_preprocessor_limits() -> None:
-    vision = {"patch_size": 14, "spatial_merge_size": 2}
-    assert VisionSpec.from_configs(vision) == VisionSpec()
-    big = VisionSpec.from_configs(vision, {"min_pixels": 3136, "max_pixels": 12845056})
+def test_plan_and_engine_read_the_same_preprocessor_limits() -> None:
+    assert ImageProcessorConfig.from_dict({}) == ImageProcessorConfig()
+    big = ImageProcessorConfig.from_dict({"min_pixels": 3136, "max_pixels": 12845056})
     assert big.grid(4000, 3000).num_tokens > image_token_count(4000, 3000)
-    small = VisionSpec.from_configs(vision, {"size": {"shortest_edge": 3136,
-                                                      "longest_edge": 256 * 28 * 28}})
+    small = ImageProcessorConfig.from_dict({"size": {"shortest_edge": 3136,
+                                                     "longest_edge": 256 * 28 * 28}})
     assert small.grid(1280, 720).num_tokens <= 256
 
 
