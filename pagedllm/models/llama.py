@@ -6,6 +6,7 @@ Checkpoint names are Hugging Face's; q/k/v and gate/up load into merged matrices
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -109,6 +110,9 @@ _MERGED = {
 }
 
 
+_NUM_PIECES = Counter(merged for merged, _ in _MERGED.values())  # merged name -> pieces
+
+
 class DecoderForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
@@ -128,7 +132,7 @@ class DecoderForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
+        loaded: set[tuple[str, int]] = set()  # (parameter, piece of a merged matrix)
         for name, tensor in weights:
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
@@ -149,8 +153,11 @@ class DecoderForCausalLM(nn.Module):
                     param.data.copy_(tensor)
                 else:
                     loader(param, tensor, shard)
-            loaded.add(name)
-        missing = {n for n in params if n not in loaded} - (
+            loaded.add((name, shard))
+        # A merged matrix needs every one of its pieces (q, k and v; gate and up).
+        expected = {(n, s) for n in params
+                    for s in range(next((c for m, c in _NUM_PIECES.items() if m in n), 1))}
+        missing = {n for n, _ in expected - loaded} - (
             {"lm_head.weight"} if self.arch.tie_word_embeddings else set())
         if missing:
             raise ValueError(f"checkpoint is missing parameters: {sorted(missing)[:8]}")

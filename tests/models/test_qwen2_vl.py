@@ -265,7 +265,8 @@ def test_loads_transformers_5_in_memory_names(arch, model, hf_model) -> None:
 
 def test_missing_or_unknown_weights_raise(arch, tiny_qwen2_vl_dir) -> None:
     weights = list(iter_weights(resolve_model(tiny_qwen2_vl_dir)))
-    for dropped in ("visual.blocks.1.attn.qkv.bias", "model.layers.1.mlp.down_proj.weight"):
+    for dropped in ("visual.blocks.1.attn.qkv.bias", "model.layers.1.mlp.down_proj.weight",
+                    "model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.up_proj.weight"):
         with pytest.raises(ValueError, match="missing"):
             Qwen2VLForConditionalGeneration(arch).load_weights(
                 (n, t) for n, t in weights if n != dropped)
