@@ -19,10 +19,10 @@ as the server streams). Columns, in ms per decode step: the median over ``--step
 repeat, then the best repeat (other processes on a shared machine only ever add time).
 
 - schedule: ``Scheduler.schedule``; prepare: ``ModelRunner._prepare_inputs``;
-- sampling: ``_sampling_tensors`` + ``_sample`` (the sampler and the ``.tolist()``);
+- sampling: ``_sampling_tensors`` + the sampler;
 - update: ``Scheduler.update_from_output``;
-- output: the rest of ``step`` outside ``execute`` (stop checks, detokenization, outputs);
-- other: the rest of ``execute`` (the model stand-ins and the runner's glue);
+- output: the rest of ``step`` outside ``launch`` (stop checks, detokenization, outputs);
+- other: the rest of ``launch`` (the model stand-ins and the runner's glue);
 - step: the whole ``step``;
 - final: the extra time of the step in which all requests finish (final outputs, freeing,
   work deferred to the end such as FINAL_ONLY text), spread over the steps they ran;
@@ -118,10 +118,10 @@ def instrument(engine: LLMEngine) -> dict[str, float]:
     sched, runner = engine.scheduler, engine.runner
     sched.schedule = timed(times, "schedule", sched.schedule)
     sched.update_from_output = timed(times, "update", sched.update_from_output)
-    runner.execute = timed(times, "execute", runner.execute)
+    runner.launch = timed(times, "execute", runner.launch)
     runner._prepare_inputs = timed(times, "prepare", runner._prepare_inputs)
     runner._sampling_tensors = timed(times, "sampling", runner._sampling_tensors)
-    runner._sample = timed(times, "sampling", runner._sample)
+    runner.sampler = timed(times, "sampling", runner.sampler)
     return times
 
 

@@ -90,6 +90,20 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         return delta
 
+    def _plain_text(self, token_id: int) -> str | None:
+        """``_next_text()`` for the newest token in the common case, without a decode: a
+        byte-level window of two tokens (the one before, fully read, and this one) whose cached
+        texts are whole characters, this one's not empty. None if not that case."""
+        read = self._read_offset
+        if not self._byte_level or read - self._prefix_offset != 1 or read != len(self._ids) - 1:
+            return None
+        texts = self._token_texts
+        prefix_text, text = texts.get(self._ids[read - 1]), texts.get(token_id)
+        if prefix_text is None or not text or _REPLACEMENT in prefix_text or _REPLACEMENT in text:
+            return None
+        self._prefix_offset, self._read_offset = read, read + 1
+        return text
+
     def update(self, new_token_ids: list[int], stop_checking: bool) -> str | None:
         """Appends generated token ids; if ``stop_checking`` and a stop string (``params.stop``)
         now appears in the output text, truncates ``output_text`` there and returns that stop
@@ -99,7 +113,9 @@ class IncrementalDetokenizer:
         for token_id in new_token_ids:
             self._ids.append(token_id)
             before = len(self.output_text)
-            delta = self._next_text()
+            delta = self._plain_text(token_id)
+            if delta is None:
+                delta = self._next_text()
             if not delta:
                 continue
             self.output_text += delta

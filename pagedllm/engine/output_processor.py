@@ -16,7 +16,7 @@ from pagedllm.tokenizer import Tokenizer
 from pagedllm.worker.model_runner import LogprobsEntry
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleState:
     """One sample (one scheduler request) of a user request."""
 
@@ -32,7 +32,7 @@ class SampleState:
     stop_reason: int | str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestState:
     request_id: str
     prompt: str | None
@@ -45,6 +45,9 @@ class RequestState:
     num_cached_tokens: int = 0
     pending: set[int] = field(default_factory=set)  # samples with news to report
     num_finished: int = 0  # samples with a finish reason
+    # From params, read per token: whether outputs come before the end, and only what is new.
+    streams: bool = False
+    delta: bool = False
 
     @property
     def finished(self) -> bool:
@@ -71,10 +74,12 @@ class OutputProcessor:
                                              child.sampling_params, token_texts),
             [] if params.logprobs is not None else None,
             0.0 if params.logprobs is not None else None) for i, child in enumerate(children)]
+        kind = params.output_kind
         self.states[request_id] = RequestState(
             request_id, prompt, children[0].prompt_token_ids, params, samples,
             RequestMetrics(arrival_time),
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            streams=kind != RequestOutputKind.FINAL_ONLY, delta=kind == RequestOutputKind.DELTA)
         if (params.output_kind == RequestOutputKind.FINAL_ONLY and not params.stop
                 and params.logprobs is None):
             self.deferred.update(child.request_id for child in children)
@@ -96,13 +101,13 @@ class OutputProcessor:
         req = sample.request
         params = req.sampling_params
         tokens = req.output_token_ids
-        end = len(tokens)
+        num_tokens = end = len(tokens)
         # A stop token (EOS or stop_token_ids) ends the text before it, as in vLLM.
-        if req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
+        if req.status is RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output:
             end -= 1
         stop = sample.detokenizer.update(tokens[sample.num_fed:end],
-                                         len(tokens) >= params.min_tokens)
-        sample.num_fed = len(tokens)
+                                         num_tokens >= params.min_tokens)
+        sample.num_fed = num_tokens
         if logprobs is not None and sample.logprobs is not None:
             sample.logprobs.append(self._logprob_dict(logprobs))
             sample.cumulative_logprob += logprobs[1][0]
@@ -111,7 +116,7 @@ class OutputProcessor:
             m.first_token_time = now
         m.last_token_time = now
         # A FINAL_ONLY request has nothing to report until a sample finishes (finish_sample).
-        if state.params.output_kind != RequestOutputKind.FINAL_ONLY:
+        if state.streams:
             state.pending.add(index)
             self._news = True
         return stop
@@ -138,24 +143,22 @@ class OutputProcessor:
         if not self._news:
             return outputs
         self._news = False
-        for request_id in [r for r, s in self.states.items() if s.pending]:
-            state = self.states[request_id]
-            output = self._make_output(state, now)
+        for state in [s for s in self.states.values() if s.pending]:
+            finished = state.finished
+            if state.streams or finished:
+                outputs.append(self._make_output(state, finished, now))
             state.pending.clear()
-            if output is not None:
-                outputs.append(output)
-            if state.finished:
-                self._forget(request_id)
+            if finished:
+                self._forget(state.request_id)
         return outputs
 
-    def _make_output(self, state: RequestState, now: float) -> RequestOutput | None:
-        kind = state.params.output_kind
-        finished = state.finished
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        delta = kind == RequestOutputKind.DELTA
-        chosen = sorted(state.pending) if delta else range(len(state.samples))
-        completions = [self._completion(state.samples[i], delta) for i in chosen]
+    def _make_output(self, state: RequestState, finished: bool, now: float) -> RequestOutput:
+        delta, samples = state.delta, state.samples
+        if len(samples) == 1:  # pending is {0}
+            completions = [self._completion(samples[0], delta)]
+        else:
+            chosen = sorted(state.pending) if delta else range(len(samples))
+            completions = [self._completion(samples[i], delta) for i in chosen]
         if finished:
             state.metrics.finished_time = now
         prompt_logprobs = state.prompt_logprobs

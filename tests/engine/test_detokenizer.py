@@ -205,8 +205,8 @@ def test_decode_token(default_tokenizer: Tokenizer) -> None:
 def test_byte_level_shortcut_equals_decoding_the_window(default_tokenizer: Tokenizer,
                                                         skip: bool, spaces: bool) -> None:
     """Byte-level tokenizers skip decoding a window of two whole-character tokens (their
-    cached texts are joined); random ids, special tokens and split characters included, give
-    the same deltas as decoding every window."""
+    cached texts are joined, or the new one's taken as is: ``_plain_text``); random ids, special
+    tokens and split characters included, give the same deltas as decoding every window."""
     rng = random.Random(0)
     text_ids = default_tokenizer.encode("".join(MULTIBYTE) + " plain words, 1234!")
     vocab = default_tokenizer.vocab_size
