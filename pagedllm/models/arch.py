@@ -47,11 +47,6 @@ class VisionArch:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    @property
-    def patch_input_size(self) -> int:
-        """Width of one row of pixel values: C * temporal_patch * patch * patch."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
 
 @dataclass(frozen=True)
 class ModelArch:

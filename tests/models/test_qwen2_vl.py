@@ -22,6 +22,7 @@ from pagedllm.models.arch import ModelArch, VisionArch
 from pagedllm.models.loader import iter_weights, load_hf_config, resolve_model
 from pagedllm.models.qwen2_vl import Qwen2VLForConditionalGeneration, mrope_positions
 from pagedllm.models.registry import model_class
+from pagedllm.multimodal.image_processor import ImageProcessorConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,7 +150,9 @@ def test_arch_from_tiny_config(arch: ModelArch) -> None:
         depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0, patch_size=14, temporal_patch_size=2,
         spatial_merge_size=2, in_channels=3, hidden_act="quick_gelu", out_hidden_size=64,
         rope_theta=10000.0)
-    assert arch.vision.patch_input_size == 3 * 2 * 14 * 14
+    # The patch embedding takes rows as wide as the image processor makes them.
+    patch = Qwen2VLForConditionalGeneration(arch).visual.patch_embed.proj.weight
+    assert patch[0].numel() == ImageProcessorConfig().patch_dim == 3 * 2 * 14 * 14
 
 
 def test_arch_from_qwen2_vl_7b_config() -> None:
