@@ -1,23 +1,43 @@
-"""Rotary position embedding (the "rotate half" / NeoX layout used by Llama and Qwen)."""
+"""Rotary position embedding (the "rotate half" / NeoX layout used by Llama and Qwen), with
+transformers' RoPE scaling types baked into one cos/sin table over every position.
+
+transformers recomputes the frequencies of two types from the sequence length at each forward;
+a paged engine runs many sequences in one step, so here a row depends on its position only:
+
+- ``dynamic``: transformers grows the NTK base only once a sequence passes
+  max_position_embeddings, and pagedllm serves no position past it (max_model_len <= it), so the
+  table is transformers' exactly (plain RoPE). vLLM instead serves up to max_position_embeddings
+  x factor with one base fixed for that length, which differs at every position.
+- ``longrope``: transformers uses the short factors while a forward's positions stay below
+  original_max_position_embeddings and the long ones once they reach it, so rows below it are
+  short and rows from it on are long. That is exact for every sequence whose prompt fits in the
+  original window (one that crosses it while decoding keeps short keys for its first positions
+  in transformers too); a longer prompt is rotated with the long factors throughout in
+  transformers. vLLM uses the long table for every position once max_model_len exceeds the
+  original window.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pagedllm.layers import dispatch
+from pagedllm.models.arch import RopeScaling
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, base: float) -> None:
+    """``max_position`` is the model's max_position_embeddings (``dynamic`` reads it too)."""
+
+    def __init__(self, head_dim: int, max_position: int, base: float,
+                 scaling: RopeScaling | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float()
-                                   / head_dim))
-        t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_position, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)  # [max_position, head_dim]
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        cos, sin = rope_cos_sin(head_dim, max_position, base, scaling or RopeScaling())
+        self.register_buffer("cos", cos, persistent=False)  # [max_position, head_dim]
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,14 +47,136 @@ class RotaryEmbedding(nn.Module):
                 self.sin[positions].unsqueeze(1).to(dtype))
 
 
+def rope_cos_sin(head_dim: int, max_position: int, base: float,
+                 scaling: RopeScaling) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_position, head_dim] in float32, each scaled by the attention factor, as
+    transformers' rotary embedding computes them for those positions."""
+    positions = torch.arange(max_position, dtype=torch.float32)
+    inv_freq, attention_factor = rope_frequencies(head_dim, max_position, base, scaling)
+    if scaling.freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(scaling.freq_factors, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq  # [max_position, head_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def rope_frequencies(head_dim: int, max_position: int, base: float,
+                     scaling: RopeScaling) -> tuple[torch.Tensor, float]:
+    """transformers' ``ROPE_INIT_FUNCTIONS[rope_type]`` (same arithmetic, so the same bits):
+    the inverse frequencies, [head_dim / 2] or per position [max_position, head_dim / 2], and
+    the factor cos and sin are multiplied by."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D / 2]
+    return _FREQUENCIES[scaling.rope_type](exponents, max_position, base, scaling)
+
+
+def _default(exponents: torch.Tensor, max_position: int, base: float,
+             s: RopeScaling) -> tuple[torch.Tensor, float]:
+    return 1.0 / (base ** exponents), 1.0
+
+
+def _linear(exponents: torch.Tensor, max_position: int, base: float,
+            s: RopeScaling) -> tuple[torch.Tensor, float]:
+    return 1.0 / (base ** exponents) / s.factor, 1.0
+
+
+def _dynamic(exponents: torch.Tensor, max_position: int, base: float,
+             s: RopeScaling) -> tuple[torch.Tensor, float]:
+    # transformers' NTK base for a sequence of max_position tokens (it is ``base`` there, bar
+    # rounding): the one it uses for every length up to max_position.
+    dim = 2 * exponents.numel()
+    ntk = base * ((s.factor * max_position / max_position) - (s.factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (ntk ** exponents), 1.0
+
+
+def _yarn(exponents: torch.Tensor, max_position: int, base: float,
+          s: RopeScaling) -> tuple[torch.Tensor, float]:
+    """Interpolated (divided by factor) below the ramp, extrapolated (plain) above it."""
+    dim = 2 * exponents.numel()
+    pos_freqs = base ** exponents
+    low, high = _yarn_correction_range(s, dim, base)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # the share of the plain frequency in each pair
+    inv_freq = (1.0 / (s.factor * pos_freqs) * (1 - extrapolation)
+                + 1.0 / pos_freqs * extrapolation)
+    return inv_freq, _yarn_attention_factor(s)
+
+
+def _yarn_correction_range(s: RopeScaling, dim: int, base: float) -> tuple[float, float]:
+    """The pair indices between which YaRN ramps from extrapolation to interpolation."""
+    assert s.original_max_position_embeddings is not None
+
+    def pair_of(rotations: float) -> float:  # the pair that turns ``rotations`` times
+        return (dim * math.log(s.original_max_position_embeddings
+                               / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = pair_of(s.beta_fast), pair_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def _yarn_attention_factor(s: RopeScaling) -> float:
+    if s.attention_factor is not None:
+        return s.attention_factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.mscale and s.mscale_all_dim:
+        return float(mscale(s.factor, s.mscale) / mscale(s.factor, s.mscale_all_dim))
+    return mscale(s.factor)
+
+
+def _longrope(exponents: torch.Tensor, max_position: int, base: float,
+              s: RopeScaling) -> tuple[torch.Tensor, float]:
+    """Short factors below original_max_position_embeddings, long ones from it on."""
+    assert s.original_max_position_embeddings is not None
+    assert s.short_factor is not None and s.long_factor is not None
+    original = s.original_max_position_embeddings
+    short, long = (1.0 / (torch.tensor(f, dtype=torch.float32) * base ** exponents)
+                   for f in (s.short_factor, s.long_factor))
+    is_long = torch.arange(max_position)[:, None] >= original  # [max_position, 1]
+    inv_freq = torch.where(is_long, long, short)  # [max_position, D / 2]
+    if s.attention_factor is not None:
+        return inv_freq, s.attention_factor
+    if s.factor <= 1.0:
+        return inv_freq, 1.0
+    return inv_freq, math.sqrt(1 + math.log(s.factor) / math.log(original))
+
+
+def _llama3(exponents: torch.Tensor, max_position: int, base: float,
+            s: RopeScaling) -> tuple[torch.Tensor, float]:
+    """Long wavelengths divided by factor, short ones kept, a smooth blend between."""
+    assert s.original_max_position_embeddings is not None
+    original = s.original_max_position_embeddings
+    inv_freq = 1.0 / (base ** exponents)
+    low_freq_wavelen = original / s.low_freq_factor
+    high_freq_wavelen = original / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (original / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled), 1.0
+
+
+_Frequencies = Callable[[torch.Tensor, int, float, RopeScaling], tuple[torch.Tensor, float]]
+_FREQUENCIES: dict[str, _Frequencies] = {
+    "default": _default, "linear": _linear, "dynamic": _dynamic, "yarn": _yarn,
+    "longrope": _longrope, "llama3": _llama3,
+}
+
+
 class MRotaryEmbedding(RotaryEmbedding):
     """Multimodal RoPE (Qwen2-VL): positions have three rows (temporal, height, width) and
     each rotary frequency reads one of them, ``mrope_section`` saying how many of the
     ``head_dim / 2`` frequencies each row drives. Three equal rows give plain RoPE."""
 
     def __init__(self, head_dim: int, max_position: int, base: float,
-                 mrope_section: tuple[int, ...]) -> None:
-        super().__init__(head_dim, max_position, base)
+                 mrope_section: tuple[int, ...], scaling: RopeScaling | None = None) -> None:
+        super().__init__(head_dim, max_position, base, scaling)
         if sum(mrope_section) != head_dim // 2:
             raise ValueError(f"mrope_section {mrope_section} must sum to head_dim / 2 = "
                              f"{head_dim // 2}")

@@ -2,13 +2,101 @@
 
 Everything that sizes memory (the planner, KV cache sizing) and the model code read these
 fields, never the raw dict, so transformers 4 and 5 config spellings are handled in one place.
-Vision-language models (Qwen2-VL) add a ``VisionArch`` for the image encoder and M-RoPE.
+Vision-language models (Qwen2-VL) add a ``VisionArch`` for the image encoder and M-RoPE;
+RoPE scaling (Llama 3.x, YaRN, ...) is a ``RopeScaling``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+# transformers' rope_type values (``ROPE_INIT_FUNCTIONS`` plus "default")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+# the rope parameters transformers requires for each type (the others have defaults)
+_REQUIRED_ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
+                       "longrope": ("short_factor", "long_factor"),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are scaled: transformers' ``rope_type`` and the parameters its
+    ``modeling_rope_utils`` reads for that type (``layers.rotary`` turns them into the table).
+
+    ``factor`` and ``original_max_position_embeddings`` are resolved as transformers resolves
+    them; ``freq_factors`` are llama.cpp's ``rope_freqs.weight`` (GGUF files only): each inverse
+    frequency is divided by its factor after the type's own scaling.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # llama3, yarn, longrope
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    attention_factor: float | None = None  # yarn, longrope; None: derived from factor
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
+    freq_factors: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], max_position_embeddings: int) -> RopeScaling:
+        """Reads ``rope_scaling`` (transformers 4; ``type`` or ``rope_type``) or
+        ``rope_parameters`` (transformers 5). Raises ValueError for a type pagedllm cannot
+        apply, rather than running it as plain RoPE."""
+        params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "mrope":  # M-RoPE's frequencies are plain; ModelArch reads its sections
+            rope_type = "default"
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"RoPE scaling type {rope_type!r} in the model config is not "
+                             f"supported; pagedllm supports {', '.join(ROPE_TYPES)}.")
+        missing = [k for k in _REQUIRED_ROPE_KEYS.get(rope_type, ()) if params.get(k) is None]
+        if missing:
+            raise ValueError(f"RoPE scaling type {rope_type!r} needs {missing} in the model "
+                             "config's rope_scaling / rope_parameters.")
+        partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"partial_rotary_factor={partial} is not supported: pagedllm "
+                             "rotates the whole head.")
+        # As transformers: a top-level original_max_position_embeddings (Phi-3) wins.
+        original = (config.get("original_max_position_embeddings")
+                    or params.get("original_max_position_embeddings") or max_position_embeddings)
+        factor = params.get("factor")
+        if factor is None:  # yarn and longrope derive it; the others have no factor
+            factor = (max_position_embeddings / original
+                      if rope_type in ("yarn", "longrope") else 1.0)
+        return cls(
+            rope_type=rope_type,
+            factor=float(factor),
+            original_max_position_embeddings=(
+                int(original) if rope_type in ("llama3", "yarn", "longrope") else None),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            attention_factor=_optional_float(params.get("attention_factor")),
+            # transformers: a missing or zero beta takes the default
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            mscale=_optional_float(params.get("mscale")),
+            mscale_all_dim=_optional_float(params.get("mscale_all_dim")),
+            truncate=bool(params.get("truncate", True)),
+            short_factor=_optional_floats(params.get("short_factor")),
+            long_factor=_optional_floats(params.get("long_factor")),
+            freq_factors=_optional_floats(params.get("freq_factors")),
+        )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _optional_floats(values: Any) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -68,6 +156,7 @@ class ModelArch:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
+    rope_scaling: RopeScaling = RopeScaling()
     # M-RoPE: how the rotary half-dims split among (temporal, height, width) positions
     mrope_section: tuple[int, ...] | None = None
     image_token_id: int | None = None
@@ -86,6 +175,7 @@ class ModelArch:
         eos = config.get("eos_token_id", text.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         vision = config.get("vision_config")
+        max_positions = text.get("max_position_embeddings", 2048)
         return cls(
             architecture=architectures[0],
             model_type=model_type,
@@ -96,7 +186,7 @@ class ModelArch:
             num_kv_heads=text.get("num_key_value_heads") or num_heads,
             head_dim=text.get("head_dim") or hidden // num_heads,
             vocab_size=text["vocab_size"],
-            max_position_embeddings=text.get("max_position_embeddings", 2048),
+            max_position_embeddings=max_positions,
             rope_theta=float(rope_theta(text)),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings",
@@ -106,6 +196,7 @@ class ModelArch:
             bos_token_id=config.get("bos_token_id", text.get("bos_token_id")),
             eos_token_ids=eos_ids,
             torch_dtype=config.get("torch_dtype") or config.get("dtype"),
+            rope_scaling=RopeScaling.from_hf_config(text, max_positions),
             mrope_section=mrope_section(text),
             image_token_id=config.get("image_token_id"),
             vision_start_token_id=config.get("vision_start_token_id"),

@@ -86,10 +86,11 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         if arch.mrope_section is None:
             self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
-                                          arch.rope_theta)
+                                          arch.rope_theta, arch.rope_scaling)
         else:
             self.rotary = MRotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
-                                           arch.rope_theta, arch.mrope_section)
+                                           arch.rope_theta, arch.mrope_section,
+                                           arch.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
