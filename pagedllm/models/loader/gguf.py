@@ -8,7 +8,6 @@ ones an HF checkpoint holds.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import struct
@@ -22,8 +21,6 @@ import numpy as np
 import torch
 
 from pagedllm.models.loader.gguf_file import GGUFFile, GGUFTensor
-
-logger = logging.getLogger(__name__)
 
 # general.architecture -> (HF architecture class, model_type)
 _ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -91,11 +88,6 @@ def gguf_config(path: str) -> dict[str, Any]:
     vocab = meta("vocab_size") or len(gguf_metadata(path, "tokenizer.ggml.tokens", []))
     names = {t.name for t in gguf_reader(path).tensors}
     hf_arch, model_type = _ARCHITECTURES[arch]
-    scaling = meta("rope.scaling.type")
-    if (scaling not in (None, "none")) or "rope_freqs.weight" in names:
-        logger.warning("%s uses RoPE scaling (%s), which pagedllm does not apply yet; outputs "
-                       "past the original context length may differ.", path,
-                       scaling or "rope_freqs")
     config: dict[str, Any] = {
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -114,8 +106,51 @@ def gguf_config(path: str) -> dict[str, Any]:
         "hidden_act": "silu",
         "bos_token_id": gguf_metadata(path, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": gguf_metadata(path, "tokenizer.ggml.eos_token_id"),
+        "rope_scaling": _rope_scaling(path),
     }
     return config
+
+
+# llama.cpp RoPE keys with no transformers counterpart for these architectures: refused unless
+# they hold a value that leaves RoPE as transformers computes it.
+_NEUTRAL_ROPE_KEYS: dict[str, tuple[float, ...]] = {
+    "rope.scaling.attn_factor": (1.0,),
+    "rope.scaling.yarn_log_multiplier": (0.0,),  # DeepSeek's mscale_all_dim
+    "rope.scaling.yarn_ext_factor": (-1.0, 1.0),  # -1: llama.cpp's "1 for yarn"
+    "rope.scaling.yarn_attn_factor": (1.0,),
+}
+
+
+def _rope_scaling(path: str) -> dict[str, Any]:
+    """transformers-style rope parameters (what ``RopeScaling`` reads) from llama.cpp's
+    ``rope.scaling.*`` metadata and ``rope_freqs.weight``: the per-frequency divisors in which
+    llama.cpp's converter bakes Llama 3.x's llama3 scaling, kept as ``freq_factors``."""
+    arch = gguf_architecture(path)
+
+    def meta(suffix: str, default: Any = None) -> Any:
+        return gguf_metadata(path, f"{arch}.{suffix}", default)
+
+    kind, factor = meta("rope.scaling.type", "none"), meta("rope.scaling.factor")
+    params: dict[str, Any] = {"rope_type": "default"}
+    if kind == "linear" and factor not in (None, 1.0):  # linear x1 is plain RoPE
+        params = {"rope_type": "linear", "factor": factor}
+    elif kind == "yarn":
+        params = {"rope_type": "yarn", "factor": factor,
+                  "original_max_position_embeddings": meta("rope.scaling.original_context_length"),
+                  "beta_fast": meta("rope.scaling.yarn_beta_fast"),
+                  "beta_slow": meta("rope.scaling.yarn_beta_slow")}
+    elif kind not in ("none", "linear"):
+        raise ValueError(f"GGUF file {path} has {arch}.rope.scaling.type {kind!r}; pagedllm "
+                         "applies none, linear and yarn (and rope_freqs.weight).")
+    for key, neutral in _NEUTRAL_ROPE_KEYS.items():
+        value = meta(key)
+        if value is not None and value not in neutral:
+            raise ValueError(f"GGUF file {path} sets {arch}.{key} = {value}, which pagedllm "
+                             "does not apply.")
+    freqs = next((t for t in gguf_reader(path).tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        params["freq_factors"] = _dequantize(freqs).reshape(-1).tolist()
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def hf_name(gguf_name: str) -> str | None:
