@@ -54,7 +54,7 @@ def rope_cos_sin(head_dim: int, max_position: int, base: float,
     positions = torch.arange(max_position, dtype=torch.float32)
     inv_freq, attention_factor = rope_frequencies(head_dim, max_position, base, scaling)
     if scaling.freq_factors is not None:
-        inv_freq = inv_freq / torch.tensor(scaling.freq_factors, dtype=torch.float32)
+        inv_freq = inv_freq / _per_pair(scaling.freq_factors, head_dim, "rope_freqs")
     freqs = positions[:, None] * inv_freq  # [max_position, head_dim / 2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * attention_factor, emb.sin() * attention_factor
@@ -67,6 +67,14 @@ def rope_frequencies(head_dim: int, max_position: int, base: float,
     the factor cos and sin are multiplied by."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D / 2]
     return _FREQUENCIES[scaling.rope_type](exponents, max_position, base, scaling)
+
+
+def _per_pair(values: tuple[float, ...], head_dim: int, name: str) -> torch.Tensor:
+    """One value per rotary pair, [head_dim / 2] in float32."""
+    if len(values) != head_dim // 2:
+        raise ValueError(f"RoPE {name} has {len(values)} values; head_dim {head_dim} needs "
+                         f"{head_dim // 2}.")
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _default(exponents: torch.Tensor, max_position: int, base: float,
@@ -135,8 +143,9 @@ def _longrope(exponents: torch.Tensor, max_position: int, base: float,
     assert s.original_max_position_embeddings is not None
     assert s.short_factor is not None and s.long_factor is not None
     original = s.original_max_position_embeddings
-    short, long = (1.0 / (torch.tensor(f, dtype=torch.float32) * base ** exponents)
-                   for f in (s.short_factor, s.long_factor))
+    head_dim = 2 * exponents.numel()
+    short = 1.0 / (_per_pair(s.short_factor, head_dim, "short_factor") * base ** exponents)
+    long = 1.0 / (_per_pair(s.long_factor, head_dim, "long_factor") * base ** exponents)
     is_long = torch.arange(max_position)[:, None] >= original  # [max_position, 1]
     inv_freq = torch.where(is_long, long, short)  # [max_position, D / 2]
     if s.attention_factor is not None:

@@ -137,6 +137,13 @@ def test_unknown_rope_type_is_a_clear_error_at_load(tmp_path: Path) -> None:
                                                      "low_freq_factor": None}}, 128)
 
 
+def test_per_pair_factors_of_the_wrong_length_are_a_clear_error() -> None:
+    scaling = RopeScaling(rope_type="longrope", original_max_position_embeddings=ORIGINAL,
+                          short_factor=(1.0,) * 3, long_factor=tuple(_LONG))
+    with pytest.raises(ValueError, match="short_factor has 3 values; head_dim 16 needs 8"):
+        RotaryEmbedding(HEAD_DIM, MAX_POSITIONS, THETA, scaling)
+
+
 # --- greedy tokens against transformers' generate ---------------------------------------------
 
 @dataclass(frozen=True)
