@@ -98,7 +98,8 @@ def _dynamic(exponents: torch.Tensor, max_position: int, base: float,
 
 def _yarn(exponents: torch.Tensor, max_position: int, base: float,
           s: RopeScaling) -> tuple[torch.Tensor, float]:
-    """Interpolated (divided by factor) below the ramp, extrapolated (plain) above it."""
+    """Fast pairs (index below the ramp) keep their frequency, slow ones (above it) are divided
+    by factor, and the pairs on the ramp blend the two linearly."""
     dim = 2 * exponents.numel()
     pos_freqs = base ** exponents
     low, high = _yarn_correction_range(s, dim, base)
@@ -115,7 +116,7 @@ def _yarn_correction_range(s: RopeScaling, dim: int, base: float) -> tuple[float
     """The pair indices between which YaRN ramps from extrapolation to interpolation."""
     assert s.original_max_position_embeddings is not None
 
-    def pair_of(rotations: float) -> float:  # the pair that turns ``rotations`` times
+    def pair_of(rotations: float) -> float:  # turning ``rotations`` times in the window
         return (dim * math.log(s.original_max_position_embeddings
                                / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
