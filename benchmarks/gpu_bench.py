@@ -74,9 +74,9 @@ def sharegpt_like_workload(n: int = 500, seed: int = 0, vocab: int = 10000) -> W
 def roofline_tokens_per_s(llm: LLM, workload: Workload, max_num_seqs: int, bw: float) -> float:
     """Output tokens/s if every decode step only read the weights and the live KV cache:
     simulate the decode steps (requests start together, max_num_seqs at a time)."""
-    arch = llm.engine.runner.arch
-    weights = memory.loaded_weight_bytes(llm.engine.runner.model)
-    kv_tok = memory.kv_bytes_per_token(arch, llm.engine.runner.dtype)
+    arch = llm.engine.core.runner.arch
+    weights = memory.loaded_weight_bytes(llm.engine.core.runner.model)
+    kv_tok = memory.kv_bytes_per_token(arch, llm.engine.core.runner.dtype)
     pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
     running: list[list[int]] = []
     seconds, tokens = 0.0, 0
@@ -103,7 +103,7 @@ class GpuSpans:
     it queues a step); wall time minus it is the GPU idle between steps."""
 
     def __init__(self, llm: LLM) -> None:
-        self.runner = llm.engine.runner
+        self.runner = llm.engine.core.runner
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
 
     def __enter__(self) -> GpuSpans:
@@ -147,7 +147,7 @@ def throughput_row(config: str, workload: Workload, bw: float, target: str,
 def activation_row(config: str, llm: LLM) -> Row:
     """The planner's activation estimate (as 'roofline') against the measured peak."""
     sched = llm.engine.config.scheduler
-    runner = llm.engine.runner
+    runner = llm.engine.core.runner
     estimate = memory.activation_bytes_estimate(runner.arch, sched.max_num_batched_tokens,
                                                 sched.max_num_seqs, runner.dtype)
     return Row(f"{config}: peak activations (planner est.)",

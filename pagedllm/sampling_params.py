@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 
 
 class RequestOutputKind(enum.Enum):
@@ -82,7 +83,8 @@ class SamplingParams:
             (all(s for s in self.stop), "stop strings must not be empty."),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers."),
-            (self.seed is None or isinstance(self.seed, int), "seed must be an integer."),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [0, 2**64 - 1], got {self.seed}."),
         ]
         for ok, message in checks:
             if not ok:

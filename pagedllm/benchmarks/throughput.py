@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
     hf_model = None
     image_config = llm.engine.input_processor.image_config
     if args.compare_transformers:
-        runner = llm.engine.runner
+        runner = llm.engine.core.runner
         hf_model = load_transformers_model(model, args.load_format, runner.dtype, runner.device)
         results += compare_transformers(hf_model, workload, (warmup, ttft_probes),
                                         [int(b) for b in args.hf_batch_sizes.split(",")],

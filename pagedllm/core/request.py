@@ -20,6 +20,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()  # failed inside the engine; the others in its step go on
 
     @property
     def finished(self) -> bool:
@@ -34,6 +35,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -55,7 +57,7 @@ class Request:
     # Tokens being sampled by a step in flight (0 or 1): scheduled for computing, not yet known.
     num_pending: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    stop_reason: int | str | None = None
+    stop_reason: int | None = None  # the stop token id that ended it
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling (-1: not yet scheduled)
     num_preemptions: int = 0

@@ -55,6 +55,12 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def check_prompt_fits(num_prompt_tokens: int, max_model_len: int) -> None:
+    if num_prompt_tokens > max_model_len:
+        raise ValueError(f"The prompt (length {num_prompt_tokens}) is longer than the maximum "
+                         f"model length of {max_model_len}.")
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
@@ -64,10 +70,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add_request(self, request: Request) -> None:
-        if request.num_prompt_tokens > self.config.max_model_len:
-            raise ValueError(
-                f"The prompt (length {request.num_prompt_tokens}) is longer than the maximum "
-                f"model length of {self.config.max_model_len}.")
+        check_prompt_fits(request.num_prompt_tokens, self.config.max_model_len)
         self.waiting.append(request)
 
     @property

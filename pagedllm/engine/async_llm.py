@@ -1,46 +1,57 @@
-"""AsyncLLM: the asyncio front of ``LLMEngine``.
+"""AsyncLLM: the server's front end, the asyncio client of an engine core in its own process.
 
-One background thread owns the engine (which is not thread-safe): it builds it, adds and aborts
-requests, and steps it while requests are unfinished. The event loop talks to it through a
-thread-safe inbox of commands and receives outputs through one asyncio queue per group of
-requests, filled with ``loop.call_soon_threadsafe`` once per step. When nothing is unfinished the
-thread sleeps on the inbox, so an idle server burns no CPU and the event loop is never blocked by
-engine work. An exception in a step fails the requests in flight, not the server.
+The engine core steps on its own (``engine.core_proc``); this process keeps what is about text.
+One front-end thread owns the request state: it tokenizes and processes images at the door,
+sends requests and aborts to the core, and turns each step message into RequestOutputs
+(detokenization, stop strings, n > 1), which it hands to one asyncio queue per group of
+requests with ``loop.call_soon_threadsafe``, once per step. The event loop talks to it through an
+inbox of commands, so it is never blocked by engine or text work. The thread sleeps in a poll
+on the core's socket, its inbox and the core process itself: an idle server burns no CPU, and
+if the core dies every open stream ends at once with ``EngineDeadError``.
+
+A request that fails inside the core ends alone with ``EngineStepError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
+import zmq
+
+from pagedllm.engine.core import EngineCore
+from pagedllm.engine.core_client import EngineDeadError, MPClient, utility_result
+from pagedllm.engine.frontend import Frontend
 from pagedllm.engine.inputs import ProcessedPrompt, PromptType
+from pagedllm.engine.messages import (
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+    UtilityCall,
+    UtilityResult,
+)
+from pagedllm.engine.serial import Kind
 from pagedllm.metrics.loggers import LoggingStatLogger
 from pagedllm.metrics.stats import IterationStats, StatLogger, StatsCollector, scheduler_stats
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from pagedllm.engine.llm_engine import EngineStats, LLMEngine
-
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Prompt = PromptType | ProcessedPrompt
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread is gone (shut down, or failed to start)."""
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStepError", "OutputStream"]
 
 
 class EngineStepError(RuntimeError):
-    """The engine failed while this request was in flight; the server keeps serving."""
+    """The engine failed this request (the others go on, and the server keeps serving)."""
 
 
 class OutputStream:
@@ -68,7 +79,7 @@ class OutputStream:
             raise StopAsyncIteration
         item = await self.queue.get()
         if isinstance(item, BaseException):
-            self._unfinished.clear()  # the engine thread has dropped these requests
+            self.close()  # the group's other requests end with it
             raise item
         if item.finished:
             self._unfinished.discard(item.request_id)
@@ -90,78 +101,95 @@ class _Add:
 
 @dataclass(frozen=True)
 class _Abort:
-    request_ids: list[str]
+    request_ids: list[str] | None  # None: every unfinished request
+    error: BaseException | None = None  # delivered to their streams (None: nobody listens)
 
 
 @dataclass(frozen=True)
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    future: asyncio.Future[Any] | None = None  # None: nobody waits for the result
+class _Utility:
+    method: str
+    on_result: Callable[[UtilityResult], None]
 
 
 _STOP = object()
 
 
 class AsyncLLM:
-    def __init__(self, engine_factory: Callable[[], LLMEngine], *, log_stats: bool = True,
-                 log_interval: float = 10.0, stat_loggers: Sequence[StatLogger] = ()) -> None:
-        """``engine_factory`` runs on the engine thread, so that torch's thread-local state (such
-        as inference mode) is set where the engine runs. Returns once the engine is built."""
+    def __init__(self, engine_kwargs: dict[str, Any], *, engine_process: bool = True,
+                 log_stats: bool = True, log_interval: float = 10.0,
+                 stat_loggers: Sequence[StatLogger] = ()) -> None:
+        """Starts the engine core (in its own process, or with ``engine_process=False`` on a
+        thread of this one, for tests that look inside) and returns once it is ready."""
+        self.frontend = Frontend.from_engine_args(engine_kwargs)
+        self.client = MPClient(engine_kwargs, in_thread=not engine_process)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
         self._lock = threading.Lock()
-        self._dead = False
-        self._routes: dict[str, OutputStream] = {}  # engine thread only
-        self._collector = StatsCollector()  # engine thread only
+        self._dead: BaseException | None = None
+        self._dead_callbacks: list[Callable[[], None]] = []
+        self._routes: dict[str, OutputStream] = {}  # front-end thread only
+        self._calls: dict[int, Callable[[UtilityResult], None]] = {}
+        self._call_ids = 0
+        self._stats: EngineStats | None = None
+        self._collector = StatsCollector()
         self._log = LoggingStatLogger(log_interval) if log_stats else None
         self._stat_loggers: tuple[StatLogger, ...] = tuple(stat_loggers)
         if self._log is not None:
             self._stat_loggers += (self._log,)
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
-        self.engine: LLMEngine
-        self._thread = threading.Thread(target=self._run, args=(engine_factory,),
-                                        name="pagedllm-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="pagedllm-frontend", daemon=True)
         self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
-            raise self._startup_error
 
     @classmethod
-    def from_engine_args(cls, *, log_stats: bool = True, **engine_kwargs: Any) -> AsyncLLM:
-        """Builds the engine (pagedllm.config field names) on the engine thread."""
-        from pagedllm.engine.llm_engine import LLMEngine
+    def from_engine_args(cls, *, engine_process: bool = True, log_stats: bool = True,
+                         **engine_kwargs: Any) -> AsyncLLM:
+        return cls(engine_kwargs, engine_process=engine_process, log_stats=log_stats)
 
-        return cls(lambda: LLMEngine.from_engine_args(**engine_kwargs), log_stats=log_stats)
-
-    # --- read-only engine facts (set once at construction, safe from any thread) ---
+    # --- read-only facts (set once at construction, safe from any thread) ---
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.frontend.tokenizer
 
     @property
     def model_name(self) -> str:
-        return self.engine.model_name
+        return self.frontend.model_name
 
     @property
     def max_model_len(self) -> int:
-        return int(self.engine.config.model.max_model_len)
+        return self.frontend.max_model_len
+
+    @property
+    def config(self) -> Any:
+        return self.frontend.config
+
+    @property
+    def core(self) -> EngineCore:
+        """The engine core, with ``engine_process=False`` only (tests look inside)."""
+        if self.client.core is None:
+            raise RuntimeError("the engine core runs in another process")
+        return self.client.core
 
     def add_stat_logger(self, stat_logger: StatLogger) -> None:
         """Adds a stat logger and shows it the engine's current state (pool size, ...)."""
         self._stat_loggers = (*self._stat_loggers, stat_logger)
 
-        def show(engine: LLMEngine) -> None:
-            stat_logger.record(scheduler_stats(engine.get_stats()), IterationStats())
+        def show(result: UtilityResult) -> None:
+            if result.error is None:
+                stat_logger.record(scheduler_stats(result.result), IterationStats())
 
-        self._send(_Call(show), quiet=True)
+        self._send(_Utility("get_stats", show), quiet=True)
+
+    def on_dead(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs (on the front-end thread) if the engine core dies."""
+        self._dead_callbacks.append(callback)
 
     # --- the event loop's side ---
 
     async def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams]]
                            ) -> OutputStream:
-        """Adds the requests at once (all or none): raises the engine's ``ValueError`` for a bad
-        one, before any output. The returned stream must be closed by the caller."""
+        """Adds the requests at once (all or none): raises ``ValueError`` for a bad one, before
+        any output. The returned stream must be closed by the caller."""
         loop = asyncio.get_running_loop()
         stream = OutputStream(self, [r[0] for r in requests], loop)
         self._send(_Add(list(requests), stream, time.monotonic()))
@@ -182,160 +210,182 @@ class AsyncLLM:
         finally:
             stream.close()
 
-    def abort(self, request_ids: list[str]) -> None:
-        """Aborts the requests and frees their KV blocks on the engine's next turn."""
+    def abort(self, request_ids: list[str], error: BaseException | None = None) -> None:
+        """Aborts the requests and frees their KV blocks; with ``error``, their streams get it
+        as their last item."""
         if request_ids:
-            self._send(_Abort(list(request_ids)), quiet=True)
+            self._send(_Abort(list(request_ids), error), quiet=True)
 
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Runs ``fn(engine)`` on the engine thread, between steps."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._send(_Call(fn, future))
-        return await future
+    def abort_all(self, error: BaseException) -> None:
+        """Ends every unfinished request with ``error`` (a server that stops draining)."""
+        self._send(_Abort(None, error), quiet=True)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._routes)
 
     async def get_stats(self) -> EngineStats:
-        return await self.call(lambda engine: engine.get_stats())
+        """The core's counters, after every command sent before this one took effect."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(result: UtilityResult) -> None:
+            try:
+                value, error = utility_result(result), None
+            except RuntimeError as e:
+                value, error = None, e
+            _resolve(future, value, error)
+
+        self._send(_Utility("get_stats", settle))
+        return await future
 
     def check_health(self) -> None:
-        if self._dead or not self._thread.is_alive():
-            raise EngineDeadError("The engine thread is not running.")
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._send(_STOP, quiet=True)
         self._thread.join(timeout)
+        self.client.shutdown()
 
     def _send(self, command: Any, quiet: bool = False) -> None:
-        with self._lock:  # the engine thread marks itself dead under this lock
-            if not self._dead:
+        with self._lock:  # the front-end thread marks itself dead under this lock
+            if self._dead is None:
                 self._inbox.put(command)
+                try:
+                    os.write(self._wake_write, b"\0")
+                except BlockingIOError:  # the pipe is full of wake-ups already
+                    pass
                 return
         if not quiet:
-            raise EngineDeadError("The engine is not running.")
+            raise EngineDeadError(str(self._dead))
 
-    # --- the engine thread's side ---
+    # --- the front-end thread's side ---
 
-    def _run(self, factory: Callable[[], LLMEngine]) -> None:
-        try:
-            self.engine = factory()
-        except BaseException as e:  # reported by the constructor, on the caller's thread
-            self._startup_error = e
-            self._dead = True
-            self._ready.set()
-            return
+    def _run(self) -> None:
         if self._log is not None:
-            self._log.start_interval()  # the first interval starts once the engine is up
-        self._ready.set()
+            self._log.start_interval()
+        error: BaseException = EngineDeadError("The engine stopped.")
         try:
             self._serve()
-        except BaseException:
-            logger.exception("The engine loop died")
-        finally:
-            self._die()
+        except EngineDeadError as e:
+            logger.error("%s", e)
+            error = e
+        except BaseException as e:
+            logger.exception("The front-end loop died")
+            error = EngineDeadError(f"The front end failed: {type(e).__name__}: {e}")
+        self._die(error)
 
     def _serve(self) -> None:
-        engine = self.engine
+        client = self.client
+        poller = zmq.Poller()
+        poller.register(client.output_socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        if client.sentinel is not None:
+            poller.register(client.sentinel, zmq.POLLIN)
         while True:
-            busy = engine.has_unfinished_requests()
-            command = self._next_command(block=not busy)
-            added = False
-            while command is not None:
+            timeout = 1000.0  # ms; also how often a core without a sentinel is checked
+            if self._log is not None and self._log.pending:
+                timeout = min(timeout, 1000 * self._log.seconds_to_next())
+            events = dict(poller.poll(timeout))
+            if self._wake_read in events:
+                os.read(self._wake_read, 4096)
+            while True:
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
                 if command is _STOP:
                     return
                 self._handle(command)
-                added = added or isinstance(command, _Add)
-                command = self._next_command(block=False)
-            if added:  # gauges show new arrivals as waiting before the (maybe long) step
-                self._record(self._collector.record_state(engine.get_stats()))
-            if engine.has_unfinished_requests():
-                self._step()
+            while client.output_socket.poll(0):
+                self._on_message(*client.receive())
+            if not client.alive:
+                raise EngineDeadError(f"The engine core died ({client.exit_description}).")
             if self._log is not None:
                 self._log.maybe_log()
 
-    def _next_command(self, block: bool) -> Any:
-        timeout = None
-        if self._log is not None and self._log.pending:
-            timeout = self._log.seconds_to_next()  # wake up to print the last busy line
-        try:
-            return self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _handle(self, command: _Add | _Abort | _Call) -> None:
+    def _handle(self, command: _Add | _Abort | _Utility) -> None:
         if isinstance(command, _Add):
             self._add(command)
         elif isinstance(command, _Abort):
-            ids = [i for i in command.request_ids if i in self._routes]
-            if ids:
-                for request_id in ids:
-                    del self._routes[request_id]
-                self.engine.abort_request(ids)
-                self._record(self._collector.record_ended(self.engine.get_stats(), ids, "abort"))
+            self._abort(command)
         else:
-            try:
-                result = command.fn(self.engine)
-            except Exception as e:
-                if command.future is None:
-                    logger.exception("Engine call %r failed", command.fn)
-                    return
-                _resolve(command.future, error=e)
-                return
-            if command.future is not None:
-                _resolve(command.future, result)
+            self._call_ids += 1
+            self._calls[self._call_ids] = command.on_result
+            self.client.send(Kind.UTILITY, UtilityCall(self._call_ids, command.method))
 
     def _add(self, command: _Add) -> None:
         added: list[str] = []
+        core_requests: list[EngineCoreRequest] = []
         try:
             for request_id, prompt, params in command.requests:
                 if request_id in self._routes:
                     raise ValueError(f"Request id {request_id!r} is already in use.")
-                self.engine.add_request(request_id, prompt, params,
-                                        arrival_time=command.arrival_time)
+                core_requests += self.frontend.add(request_id, prompt, params,
+                                                   command.arrival_time)
                 added.append(request_id)
                 self._routes[request_id] = command.stream
                 self._collector.add_request(request_id, params.output_kind)
         except Exception as e:
             for request_id in added:
-                self._routes.pop(request_id, None)
-            if added:
-                self.engine.abort_request(added)
-                self._collector.forget(added)
+                del self._routes[request_id]
+                self.frontend.abort(request_id)
+            self._collector.forget(added)
             _resolve(command.stream.accepted, error=e)
             return
+        for core_request in core_requests:  # all accepted: only now does anything reach the core
+            self.client.add_request(core_request)
         _resolve(command.stream.accepted, None)
 
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:
-            logger.exception("Engine step failed; failing the %d requests in flight",
-                             len(self._routes))
-            self._fail_all(EngineStepError(f"The engine failed: {type(e).__name__}: {e}"))
-            time.sleep(0.01)  # a step that fails at once must not spin hot
+    def _abort(self, command: _Abort) -> None:
+        ids = list(self._routes) if command.request_ids is None else \
+            [i for i in command.request_ids if i in self._routes]
+        if not ids:
             return
+        items = []
+        core_ids: list[str] = []
+        for request_id in ids:
+            stream = self._routes.pop(request_id)
+            core_ids += self.frontend.abort(request_id)
+            if command.error is not None:
+                items.append((stream, command.error))
+        if core_ids:
+            self.client.abort_requests(core_ids)
+        if self._stats is not None:
+            reason = "abort" if command.error is None else "error"
+            self._record(self._collector.record_ended(self._stats, ids, reason))
+        _deliver(_unique(items))
+
+    def _on_message(self, kind: Kind, message: Any) -> None:
+        if kind is Kind.OUTPUTS:
+            self._on_outputs(message)
+        elif kind is Kind.RESULT:
+            on_result = self._calls.pop(message.call_id, None)
+            if on_result is not None:
+                on_result(message)
+        elif kind is Kind.FAILED:
+            raise EngineDeadError(f"The engine core failed: {message}")
+
+    def _on_outputs(self, message: EngineCoreOutputs) -> None:
+        self._stats = message.stats
+        result = self.frontend.process(message, time.monotonic())
+        if result.to_abort:
+            self.client.abort_requests(result.to_abort)
         items: list[tuple[OutputStream, Any]] = []
-        for out in outputs:
+        for out in result.outputs:
             stream = self._routes.get(out.request_id)
-            if stream is None:
+            if stream is None or out.request_id in result.errors:
                 continue
             if out.finished:
                 del self._routes[out.request_id]
             items.append((stream, out))
         # Stats first: a client that has its answer then sees it counted in /metrics.
-        self._record(self._collector.record_step(self.engine.get_stats(), outputs))
+        self._record(self._collector.record_step(message.stats, result.outputs)
+                     if message.is_step else self._collector.record_state(message.stats))
         _deliver(items)
-
-    def _fail_all(self, error: BaseException) -> None:
-        ids = list(self._routes)
-        streams = {id(s): s for s in self._routes.values()}
-        self._routes.clear()
-        _deliver([(s, error) for s in streams.values()])
-        if not ids:
-            return
-        try:
-            self.engine.abort_request(ids)
-            self._record(self._collector.record_ended(self.engine.get_stats(), ids, "error"))
-        except Exception:
-            logger.exception("Aborting the failed requests failed too")
+        for request_id, error in result.errors.items():  # each failed request ends alone
+            self._abort(_Abort([request_id], EngineStepError(f"The engine failed: {error}")))
 
     def _record(self, stats: tuple[Any, Any]) -> None:
         for stat_logger in self._stat_loggers:
@@ -344,20 +394,36 @@ class AsyncLLM:
             except Exception:
                 logger.exception("Stat logger %r failed", stat_logger)
 
-    def _die(self) -> None:
+    def _die(self, error: BaseException) -> None:
         with self._lock:
-            self._dead = True
-        error = EngineDeadError("The engine stopped.")
-        self._fail_all(error)
-        while True:  # commands that raced the shutdown
+            self._dead = error
+        streams = {id(s): s for s in self._routes.values()}
+        self._routes.clear()
+        _deliver([(s, error) for s in streams.values()])
+        for on_result in self._calls.values():
+            on_result(UtilityResult(0, error=str(error)))
+        self._calls.clear()
+        while True:  # commands that raced the end
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(command, _Add):
                 _resolve(command.stream.accepted, error=error)
-            elif isinstance(command, _Call) and command.future is not None:
-                _resolve(command.future, error=error)
+            elif isinstance(command, _Utility):
+                command.on_result(UtilityResult(0, error=str(error)))
+        if not self.client.alive or isinstance(error, EngineDeadError):
+            for callback in self._dead_callbacks:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("An engine-death callback failed")
+
+
+def _unique(items: list[tuple[OutputStream, Any]]) -> list[tuple[OutputStream, Any]]:
+    """One error per stream (a stream of n requests ends once)."""
+    seen: set[int] = set()
+    return [(s, e) for s, e in items if id(s) not in seen and not seen.add(id(s))]
 
 
 def _deliver(items: list[tuple[OutputStream, Any]]) -> None:
@@ -379,7 +445,7 @@ def _put_all(batch: list[tuple[OutputStream, Any]]) -> None:
 
 def _resolve(future: asyncio.Future[Any], result: Any = None,
              error: BaseException | None = None) -> None:
-    """Settles an event-loop future from the engine thread."""
+    """Settles an event-loop future from the front-end thread."""
     try:
         future.get_loop().call_soon_threadsafe(_settle, future, result, error)
     except RuntimeError:  # the loop is closed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import EngineConfig
+from pagedllm.engine.core import EngineCore
 from pagedllm.engine.inputs import InputProcessor
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.models.arch import ModelArch
@@ -33,15 +35,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class FrontendParts:
+    """What the front end needs of a model: no weights, nothing on a device."""
+
+    config: EngineConfig
+    arch: ModelArch
+    tokenizer: Tokenizer
+    input_processor: InputProcessor
+    model_name: str
+
+
+def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
     source = resolve_model(kwargs.get("model"))
     arch = ModelArch.from_hf_config(load_hf_config(source))
     config = EngineConfig.create(arch.max_position_embeddings, **kwargs)
-    device = torch.device(config.device.resolved())
-    dtype = resolve_dtype(config.model.dtype, device)
-    torch.manual_seed(config.model.seed)
-    model = load_model(source, arch, config, device, dtype)
     try:
         tokenizer = load_tokenizer(source, config.model.chat_template)
     except FileNotFoundError:
@@ -50,39 +58,57 @@ def build_engine(cls: type, kwargs: dict[str, Any]) -> Any:
         logger.warning("No tokenizer in %s: using placeholder tokens (token ids only)",
                        source.path)
         tokenizer = placeholder_tokenizer(arch.vocab_size)
+    processor = build_input_processor(source, arch, config, tokenizer)
+    name = config.model.served_model_name or source.name
+    return FrontendParts(config, arch, tokenizer, processor, name)
+
+
+def build_core(kwargs: dict[str, Any]) -> EngineCore:
+    """Loads the model, sizes and allocates the KV cache, captures CUDA graphs."""
+    start = time.perf_counter()
+    source = resolve_model(kwargs.get("model"))
+    arch = ModelArch.from_hf_config(load_hf_config(source))
+    config = EngineConfig.create(arch.max_position_embeddings, **kwargs)
+    device = torch.device(config.device.resolved())
+    dtype = resolve_dtype(config.model.dtype, device)
+    torch.manual_seed(config.model.seed)
+    model = load_model(source, arch, config, device, dtype)
     weights = memory.loaded_weight_bytes(model)
     logger.info("Loaded %s (%s, %.2f GiB of weights, %s on %s) in %.1f s", source.name,
                 arch.architecture, weights / 2**30, dtype, device, time.perf_counter() - start)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
     runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device)
-    processor = build_input_processor(source, arch, config, tokenizer)
-    if processor.image_config is not None:
+    image_config = None
+    if arch.vision is not None:
+        image_config = image_processor_config(source, config)
         runner.enable_images(max(config.scheduler.max_num_batched_tokens,
-                                 processor.image_config.max_image_tokens()))
+                                 image_config.max_image_tokens()))
     graph_sizes = [] if device.type != "cuda" or config.device.enforce_eager else \
         memory.default_cuda_graph_sizes(config.scheduler.max_num_seqs)
     kv_bytes = config.cache.kv_cache_memory_bytes
     if kv_bytes is None:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
             _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes,
-                                        processor.image_config)
+                                        image_config)
     plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
                                 config.model.max_model_len, kv_bytes)
     memory.log_kv_cache_plan(plan, logger, device.type)
     runner.allocate_kv_cache(plan.num_blocks)
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
-    name = config.model.served_model_name or source.name
-    return cls(config, tokenizer, runner, plan.num_blocks, name, arch.vocab_size, processor)
+    return EngineCore(config, runner, plan.num_blocks)
+
+
+def image_processor_config(source: ModelSource, config: EngineConfig) -> ImageProcessorConfig:
+    folder = source.path if source.kind == "hf" else None
+    return ImageProcessorConfig.from_model_dir(folder, config.multimodal.mm_processor_kwargs)
 
 
 def build_input_processor(source: ModelSource, arch: ModelArch, config: EngineConfig,
                           tokenizer: Tokenizer) -> InputProcessor:
     image_config = None
     if arch.vision is not None:
-        folder = source.path if source.kind == "hf" else None
-        image_config = ImageProcessorConfig.from_model_dir(
-            folder, config.multimodal.mm_processor_kwargs)
+        image_config = image_processor_config(source, config)
     elif config.multimodal.mm_processor_kwargs or config.multimodal.limit_mm_per_prompt:
         logger.warning("%s takes no images: the multimodal settings are ignored",
                        arch.architecture)

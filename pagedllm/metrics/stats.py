@@ -16,7 +16,7 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind
 
 if TYPE_CHECKING:
-    from pagedllm.engine.llm_engine import EngineStats
+    from pagedllm.engine.messages import EngineStats
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
-    from pagedllm.multimodal.image_processor import ProcessedImage
+from pagedllm.multimodal.image_processor import ProcessedImage
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pagedllm.attention.backend import (
 )
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
+from pagedllm.engine.messages import LogprobsEntry
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ProcessedImage
 from pagedllm.sampling_params import SamplingParams
@@ -31,8 +32,6 @@ from pagedllm.worker.device_copy import to_device
 from pagedllm.worker.multimodal import EncoderCache, StepImages, step_mrope_positions
 from pagedllm.worker.sampler import Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 
-# (token ids, logprobs, rank of the first id): the first id is the chosen/actual token.
-LogprobsEntry = tuple[list[int], list[float], int]
 # The float32 columns of SamplingTensors, in the order _sampling_tensors builds them, and the
 # value of each that changes nothing (temperature 0: greedy; the sampling params' ranges make
 # "differs from it" the same as "min_p > 0", "top_p < 1").

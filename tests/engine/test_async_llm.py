@@ -1,7 +1,7 @@
 """AsyncLLM on the real default model: streaming, batching, aborts that free blocks, failures.
 
-Each test runs its own event loop (``asyncio.run``) against one engine thread, which also shows
-that outputs reach whichever loop added the request.
+Each test runs its own event loop (``asyncio.run``) against one engine (its core in a child
+process), which also shows that outputs reach whichever loop added the request.
 """
 
 from __future__ import annotations
@@ -126,29 +126,55 @@ def test_cancelled_requests_free_their_blocks_at_once(llm: AsyncLLM) -> None:
     asyncio.run(main())
 
 
-def test_step_failure_fails_requests_not_the_engine(llm: AsyncLLM) -> None:
-    def fail_next_step(engine) -> None:  # noqa: ANN001 - LLMEngine
-        real_step = engine.step
+@pytest.fixture(scope="module")
+def inproc() -> Iterator[AsyncLLM]:
+    """The engine core on a thread of this process, so that a test can reach inside it."""
+    engine = AsyncLLM.from_engine_args(max_model_len=512, max_num_seqs=64,
+                                       kv_cache_memory_bytes=64 * 2**20, log_stats=False,
+                                       engine_process=False)
+    yield engine
+    engine.shutdown()
 
-        def failing_step() -> list[RequestOutput]:
-            engine.step = real_step
-            raise RuntimeError("injected failure")
 
-        engine.step = failing_step
+def poison(llm: AsyncLLM, request_id: str) -> None:
+    """Makes every step that computes ``request_id`` fail at launch, as a bad input would."""
+    runner = llm.core.runner
+    real_launch = runner.launch
 
-    async def main() -> None:
-        gen = llm.generate("Once upon a time", params(100), "doomed")
-        await gen.__anext__()
-        await llm.call(fail_next_step)
-        with pytest.raises(EngineStepError, match="injected failure"):
-            async for _ in gen:
-                pass
-        llm.check_health()
-        await assert_pool_whole(llm)
-        outs = await collect(llm, "Hi", params(3), "survivor")
-        assert outs[-1].finished
+    def launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
+        if any(s.request.request_id == request_id for s in sched.scheduled):
+            raise RuntimeError(f"injected failure of {request_id}")
+        return real_launch(sched)
 
-    asyncio.run(main())
+    runner.launch = launch
+
+
+def test_a_failing_request_ends_alone(inproc: AsyncLLM) -> None:
+    """One poisoned request among 32 concurrent ones: its step is run again request by request,
+    so only it fails; the 31 others finish whole, and the engine serves on."""
+    poison(inproc, "poisoned")
+
+    async def main() -> list[list[RequestOutput] | BaseException]:
+        ids = [f"ok{i}" for i in range(31)]
+        ids.insert(13, "poisoned")
+        return await asyncio.gather(*(collect(inproc, f"Story {i}:", params(12), rid)
+                                      for i, rid in enumerate(ids)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        del inproc.core.runner.launch  # back to the class's method
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], EngineStepError)
+    assert "injected failure of poisoned" in str(failed[0])
+    assert isinstance(results[13], EngineStepError)
+    for outs in results[:13] + results[14:]:
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+        assert sum(len(o.outputs[0].token_ids) for o in outs) == 12
+    inproc.check_health()
+    asyncio.run(assert_pool_whole(inproc))
+    outs = asyncio.run(collect(inproc, "Hi", params(3), "survivor"))
+    assert outs[-1].finished
 
 
 def test_event_loop_is_not_blocked_by_engine_work(llm: AsyncLLM) -> None:
@@ -184,15 +210,17 @@ def test_periodic_log_line_then_quiet_idle(llm: AsyncLLM, caplog: pytest.LogCapt
     assert lines, "no periodic stats line"
     assert "Running: 0 reqs, Waiting: 0 reqs" in lines[-1] and "Prefix cache hit rate" in lines[-1]
 
-    stat = f"/proc/self/task/{llm._thread.native_id}/stat"
-    if not os.path.exists(stat):
-        pytest.skip("no /proc to read the engine thread's CPU time")
+    # Neither the front-end thread nor the engine core process spins while idle.
+    stats = [f"/proc/self/task/{llm._thread.native_id}/stat", f"/proc/{llm.client.proc.pid}/stat"]
+    if not all(os.path.exists(stat) for stat in stats):
+        pytest.skip("no /proc to read the CPU time of the engine's thread and process")
 
-    def cpu_ticks() -> int:
+    def cpu_ticks(stat: str) -> int:
         with open(stat) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime + stime
 
-    before = cpu_ticks()
+    before = [cpu_ticks(stat) for stat in stats]
     time.sleep(1.0)
-    assert cpu_ticks() - before <= 2  # asleep on its inbox, not spinning
+    for stat, ticks in zip(stats, before):
+        assert cpu_ticks(stat) - ticks <= 2, stat  # asleep in a poll, not spinning

@@ -31,7 +31,7 @@ def _check(llm: LLM, prompt_ids, expected) -> None:
         got = out.outputs[0].token_ids
         assert got[:len(want)] == want, f"prompt of {len(ids)} tokens diverged"
         assert len(got) == MAX_TOKENS and out.outputs[0].finish_reason == "length"
-    kv = llm.engine.kv_cache
+    kv = llm.engine.core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks, "KV blocks leaked"
 
 
@@ -40,7 +40,7 @@ def test_defaults_match_transformers(prompt_ids, expected):
     _check(llm, prompt_ids, expected)
     # A second pass hits the prefix cache for every full prompt block and stays exact.
     _check(llm, prompt_ids, expected)
-    assert llm.engine.kv_cache.prefix_cache_hits > 0
+    assert llm.engine.core.kv_cache.prefix_cache_hits > 0
 
 
 def test_chunked_prefill_matches_transformers(prompt_ids, expected):
@@ -55,7 +55,7 @@ def test_preemption_matches_transformers(prompt_ids, expected):
     llm = LLM(kv_cache_memory_bytes=40 * block_bytes, max_model_len=512,
               enable_prefix_caching=False)
     _check(llm, prompt_ids, expected)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
 
 
 def test_async_scheduling_matches_transformers(prompt_ids, expected):
@@ -65,9 +65,9 @@ def test_async_scheduling_matches_transformers(prompt_ids, expected):
     block_bytes = 30 * 2 * 3 * 64 * 4 * 16
     llm = LLM(kv_cache_memory_bytes=40 * block_bytes, max_model_len=512,
               max_num_batched_tokens=64, max_num_seqs=8, async_scheduling=True)
-    assert llm.engine.async_scheduling
+    assert llm.engine.core.async_scheduling
     _check(llm, prompt_ids, expected)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
 
 
 def test_async_scheduling_stops_at_the_same_text(default_tokenizer):
@@ -82,5 +82,5 @@ def test_async_scheduling_stops_at_the_same_text(default_tokenizer):
         assert (a.outputs[0].text, a.outputs[0].token_ids, a.outputs[0].finish_reason,
                 a.outputs[0].stop_reason) == (b.outputs[0].text, b.outputs[0].token_ids,
                                               b.outputs[0].finish_reason, b.outputs[0].stop_reason)
-    kv = lagged.engine.kv_cache
+    kv = lagged.engine.core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks

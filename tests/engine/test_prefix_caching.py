@@ -29,13 +29,13 @@ def cached() -> LLM:
     """A small KV cache (16 blocks of 16 tokens), so that eviction happens."""
     llm = LLM(kv_cache_memory_bytes=NUM_BLOCKS * BLOCK_BYTES, max_model_len=256,
               enable_prefix_caching=True)
-    assert llm.engine.kv_cache.pool.num_blocks == NUM_BLOCKS
+    assert llm.engine.core.kv_cache.pool.num_blocks == NUM_BLOCKS
     return llm
 
 
 def _zero_kv_cache(llm: LLM) -> None:
     """Clears the NaNs a test planted, so later tests start from a clean cache."""
-    for cache in llm.engine.runner.kv_caches:
+    for cache in llm.engine.core.runner.kv_caches:
         cache.zero_()
 
 
@@ -46,9 +46,9 @@ def uncached() -> LLM:
 
 @pytest.fixture(autouse=True)
 def fresh_cache(cached):
-    cached.engine.kv_cache.reset_prefix_cache()
+    cached.engine.core.kv_cache.reset_prefix_cache()
     yield
-    kv = cached.engine.kv_cache
+    kv = cached.engine.core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks, "KV blocks leaked"
     assert not cached.engine.has_unfinished_requests()
 
@@ -110,7 +110,7 @@ def test_prefix_shared_within_one_batch(cached, uncached):
 
 def _cached_blocks(llm: LLM, token_ids: list[int]) -> int:
     """How many leading full blocks of a prompt the cache still holds (what a lookup finds)."""
-    pool, parent, n = llm.engine.kv_cache.pool, None, 0
+    pool, parent, n = llm.engine.core.kv_cache.pool, None, 0
     for i in range((len(token_ids) - 1) // BLOCK):
         parent = hash_block(parent, token_ids[i * BLOCK:(i + 1) * BLOCK])
         if pool.lookup(parent) is None:
@@ -150,7 +150,7 @@ def test_parallel_samples_share_the_prompt_blocks(cached):
     prompt chunk is scheduled (here in the same step: a block's K/V is written before any layer
     reads it), take its full blocks from the prefix cache (same block ids, ref count 4) and
     compute only the rest."""
-    engine, kv = cached.engine, cached.engine.kv_cache
+    engine, kv = cached.engine, cached.engine.core.kv_cache
     prompt = "Write a short poem about the sea, the wind and the stars, in the style of a sailor."
     prompt_ids = cached.get_tokenizer().encode(prompt)
     assert len(prompt_ids) % BLOCK != 0
@@ -189,7 +189,7 @@ def test_unwritten_cache_slots_never_reach_outputs(cached, uncached):
     prompts = [PREFIX + q for q in QUESTIONS]
     want = _ids(uncached.generate(prompts, GREEDY, use_tqdm=False))
     try:
-        for cache in cached.engine.runner.kv_caches:
+        for cache in cached.engine.core.runner.kv_caches:
             cache.fill_(float("nan"))
             cache[:, 0].zero_()
         got = _ids(cached.generate(prompts, GREEDY, use_tqdm=False))

@@ -39,7 +39,7 @@ def reference(llm) -> dict[str, list[int]]:
 
 
 def _assert_pool_whole(llm: LLM) -> None:
-    kv = llm.engine.kv_cache
+    kv = llm.engine.core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks, "KV blocks leaked"
     assert not llm.engine.has_unfinished_requests()
 
@@ -175,7 +175,7 @@ def test_min_tokens_defers_stop_strings(llm, tok, reference):
 
 
 def test_runner_builds_sampling_tensors_from_params(llm):
-    runner, vocab = llm.engine.runner, llm.engine.vocab_size
+    runner, vocab = llm.engine.core.runner, llm.engine.vocab_size
 
     def request(rid: str, prompt: list[int], output: list[int], **kw) -> Request:
         params = SamplingParams(**kw)
@@ -300,7 +300,7 @@ def test_final_only_text_made_at_the_end_equals_the_streamed_text(llm, reference
     engine = llm.engine
     final = SamplingParams(**kwargs, output_kind=RequestOutputKind.FINAL_ONLY)
     deferred = _generate_all(engine, prompts, final)
-    assert not engine.output_processor.deferred  # forgotten with their requests
+    assert not engine.frontend.output_processor.states  # forgotten when they finished
     streamed = _generate_all(engine, prompts, SamplingParams(
         **kwargs, output_kind=RequestOutputKind.DELTA))
     assert deferred == streamed

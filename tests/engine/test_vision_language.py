@@ -74,9 +74,9 @@ def _check(llm: LLM, expected) -> None:
     for (want_prompt, want), out in zip(expected, outputs):
         assert out.prompt_token_ids == want_prompt
         assert out.outputs[0].token_ids == want
-    kv = llm.engine.kv_cache
+    kv = llm.engine.core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks, "KV blocks leaked"
-    assert not llm.engine.runner.encoder_cache._outputs, "encoder outputs leaked"
+    assert not llm.engine.core.runner.encoder_cache._outputs, "encoder outputs leaked"
 
 
 def test_image_prompts_match_transformers(tiny_qwen2_vl_dir, expected):
@@ -88,7 +88,7 @@ def test_chunked_prefill_splits_images_and_stays_exact(tiny_qwen2_vl_dir, expect
                                                        monkeypatch):
     llm = LLM(tiny_qwen2_vl_dir, kv_cache_memory_bytes=64 * 2**20, max_model_len=1024,
               max_num_batched_tokens=16, max_num_seqs=4, enable_prefix_caching=False)
-    cache = llm.engine.runner.encoder_cache
+    cache = llm.engine.core.runner.encoder_cache
     encoded: list[int] = []
     original = cache.encode
 
@@ -105,7 +105,7 @@ def test_chunked_prefill_splits_images_and_stays_exact(tiny_qwen2_vl_dir, expect
 def test_prefix_cache_tells_images_apart(tiny_qwen2_vl_dir):
     llm = LLM(tiny_qwen2_vl_dir, kv_cache_memory_bytes=64 * 2**20, max_model_len=1024)
     text = chat_prompt(f"{IMAGE}What is in this picture?")
-    kv = llm.engine.kv_cache
+    kv = llm.engine.core.kv_cache
 
     def run(image: Image.Image) -> tuple[list[int], int]:
         hits = kv.prefix_cache_hits

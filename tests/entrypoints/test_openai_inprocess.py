@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 
@@ -18,22 +17,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def llm() -> Iterator[AsyncLLM]:
     engine = AsyncLLM.from_engine_args(max_model_len=256, max_num_seqs=8,
-                                       kv_cache_memory_bytes=32 * 2**20, log_stats=False)
+                                       kv_cache_memory_bytes=32 * 2**20, log_stats=False,
+                                       engine_process=False)
     yield engine
     engine.shutdown()
 
 
 def _fail_next_step(llm: AsyncLLM) -> None:
-    def install(engine) -> None:  # noqa: ANN001 - LLMEngine
-        real_step = engine.step
+    runner = llm.core.runner
 
-        def failing_step() -> list:
-            engine.step = real_step
-            raise RuntimeError("injected failure")
+    def failing_launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
+        del runner.launch  # the class's method again
+        raise RuntimeError("injected failure")
 
-        engine.step = failing_step
-
-    asyncio.run(llm.call(install))
+    runner.launch = failing_launch
 
 
 def test_engine_failure_is_a_500_and_the_server_keeps_serving(llm: AsyncLLM) -> None:

@@ -143,7 +143,7 @@ def test_engine_start_up_agrees_with_the_plan(capsys: pytest.CaptureFixture,
     kv = json.loads(capsys.readouterr().out)["kv_cache"]
     with caplog.at_level(logging.INFO, logger="pagedllm"):
         llm = LLM(**flags)
-    assert llm.engine.kv_cache.pool.num_blocks == kv["blocks"]
+    assert llm.engine.core.kv_cache.pool.num_blocks == kv["blocks"]
     logged = caplog.text
     assert f"KV cache size: {kv['tokens']:,} tokens" in logged
     assert f"Maximum concurrency for 2,048 tokens per request: {kv['max_concurrency']:.2f}x" \

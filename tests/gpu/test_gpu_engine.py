@@ -76,7 +76,7 @@ def test_greedy_fp32_matches_transformers(model_dir, chunk, eager):
                 first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
                 mismatches.append((len(prompt), first))
     assert not mismatches, f"(prompt length, first differing output) {mismatches}"
-    kv = llm.engine.kv_cache
+    kv = llm.engine.core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks
 
 

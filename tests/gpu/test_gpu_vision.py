@@ -80,4 +80,4 @@ def test_greedy_fp32_with_images_matches_transformers(model_dir, chunk, eager):
                             for ids, images in cases], params, use_tqdm=False)
     for want, out in zip(expected, outputs):
         assert out.outputs[0].token_ids == want
-    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.pool.num_blocks
+    assert llm.engine.core.kv_cache.num_free_blocks == llm.engine.core.kv_cache.pool.num_blocks

@@ -33,7 +33,7 @@ class OpenAIServing:
         return requested
 
     def max_logprobs(self) -> int:
-        return int(self.engine.engine.config.model.max_logprobs)
+        return int(self.engine.config.model.max_logprobs)
 
     def check_prompt(self, token_ids: Sequence[int], param: str) -> None:
         if not token_ids:

@@ -51,7 +51,7 @@ class OpenAIServingChat(OpenAIServing):
         """The conversation through the chat template, as token ids with its images."""
         if not request.messages:
             raise APIError("messages must not be empty.", param="messages")
-        processor = self.engine.engine.input_processor
+        processor = self.engine.frontend.input_processor
         try:
             messages, images = parse_chat_messages(
                 [m.model_dump(exclude_none=True) for m in request.messages],

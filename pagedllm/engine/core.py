@@ -1,0 +1,235 @@
+"""EngineCore: token ids in, token ids out, one ``step()`` at a time.
+
+It owns the scheduler, the KV cache manager and the model runner; it knows no text, no tokenizer
+and no HTTP. ``step()`` = schedule -> launch the model -> apply the sampled tokens (token-level stop
+rules: EOS, stop token ids, length) -> one ``EngineCoreOutputs``. With async scheduling (on a GPU)
+the tokens applied are the previous step's, while this one runs. ``engine.core_proc`` runs it in
+a process of its own; ``engine.core_client`` drives it from the front end, here or there.
+
+One request's failure is its own: if launching a step fails, each of its requests is run again
+alone, and only those that fail alone end, with ``FinishReason.ERROR``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.engine.messages import (
+    EngineCoreInfo,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+    FinishReason,
+)
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
+
+_REASONS = {RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+            RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+            RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+            RequestStatus.FINISHED_ERROR: FinishReason.ERROR}
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, num_blocks: int) -> None:
+        self.config = config
+        self.runner = runner
+        flag = config.scheduler.async_scheduling
+        self.async_scheduling = runner.device.type == "cuda" if flag is None else flag
+        self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size,
+                                       config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.requests: dict[str, Request] = {}
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        # Requests whose sampling reads their latest tokens on the host (penalties, min_tokens,
+        # logprobs): while any is unfinished, each step completes before the next is scheduled.
+        self._exact: set[str] = set()
+        self._failed: list[EngineCoreOutput] = []  # requests refused on add, reported next step
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._last_step = (0, 0)
+
+    @classmethod
+    def from_engine_args(cls, **kwargs: Any) -> EngineCore:
+        """Loads the model and sizes the KV cache (``pagedllm.config`` field names)."""
+        from pagedllm.engine.builder import build_core
+
+        return build_core(kwargs)
+
+    @property
+    def info(self) -> EngineCoreInfo:
+        return EngineCoreInfo(self.kv_cache.pool.num_blocks, self.kv_cache.block_size)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queues a request the front end validated; one the core cannot take ends with an error
+        in the next step's outputs."""
+        rid = request.request_id
+        try:
+            if rid in self.requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            sibling = self.requests.get(request.wait_for) if request.wait_for else None
+            req = Request(rid, request.prompt_token_ids, request.sampling_params,
+                          request.arrival_time, wait_for=sibling, images=request.images,
+                          mrope=request.mrope)
+            self.scheduler.add_request(req)
+        except Exception as e:
+            logger.warning("Request %s refused by the engine core: %s", rid, e)
+            self._failed.append(EngineCoreOutput(rid, finish_reason=FinishReason.ERROR,
+                                                 error=f"{type(e).__name__}: {e}"))
+            return
+        self.requests[rid] = req
+        if _reads_token_history(request.sampling_params):
+            self._exact.add(rid)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Ends the requests now and frees their KV blocks; no output is sent for them."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        del self.requests[req.request_id]
+        self._exact.discard(req.request_id)
+        self.runner.free_request(req.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or self._in_flight is not None or bool(self._failed)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache.reset_prefix_cache()
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> EngineCoreOutputs:
+        """One step. With async scheduling, the step is launched on the GPU and the outputs
+        returned are the previous step's, made while this one runs."""
+        outputs, self._failed = self._failed, []
+        first: list[tuple[str, int]] = []
+        if self._in_flight is not None and self._exact:
+            outputs += self._finish_in_flight()  # the next step's sampling needs these tokens
+            return self._message(outputs, first)
+        sched = self.scheduler.schedule()
+        self._last_step = (len(sched.scheduled), sched.total_num_tokens)
+        if sched.is_empty:
+            outputs += self._finish_in_flight()
+            return self._message(outputs, first)
+        for s in sched.scheduled:
+            req = s.request
+            prompt_left = req.num_prompt_tokens - s.num_computed_tokens
+            if prompt_left > 0:  # a prompt chunk (a request's first step is always one)
+                self._prompt_tokens += min(prompt_left, s.num_new_tokens)
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.monotonic()
+                    first.append((req.request_id, max(req.num_cached_tokens, 0)))
+        try:
+            launched = self.runner.launch(sched)
+        except Exception as e:
+            outputs += self._finish_in_flight()
+            outputs += self._run_alone(sched, e)
+            return self._message(outputs, first)
+        outputs += self._finish_in_flight()
+        self._in_flight = (sched, launched)
+        if not self.async_scheduling or self._exact:
+            outputs += self._finish_in_flight()
+        return self._message(outputs, first)
+
+    def state_message(self) -> EngineCoreOutputs:
+        """The core's counters between steps (after aborts freed blocks)."""
+        return EngineCoreOutputs([], self.get_stats(), time.monotonic(), is_step=False)
+
+    def _message(self, outputs: list[EngineCoreOutput],
+                 first: list[tuple[str, int]]) -> EngineCoreOutputs:
+        return EngineCoreOutputs(outputs, self.get_stats(), time.monotonic(), first)
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        """Waits for the step in flight (if any) and applies its tokens."""
+        if self._in_flight is None:
+            return []
+        sched, launched = self._in_flight
+        self._in_flight = None
+        try:
+            result = launched.result()
+        except Exception as e:  # the device failed after launch: the step's requests end
+            logger.exception("A step failed on the device; ending its %d requests",
+                             len(sched.scheduled))
+            return [self._fail(s.request, e) for s in sched.scheduled
+                    if s.request.request_id in self.requests]
+        return self._apply(sched, result)
+
+    def _apply(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        progressed = self.scheduler.update_from_output(sched, result.sampled)
+        self._generation_tokens += len(progressed)
+        outputs: dict[str, EngineCoreOutput] = {}
+        for rid, entries in result.prompt_logprobs.items():
+            if rid in self.requests:
+                outputs[rid] = EngineCoreOutput(rid, new_prompt_logprobs=entries)
+        for req in progressed:
+            rid = req.request_id
+            out = outputs.get(rid) or EngineCoreOutput(rid)
+            outputs[rid] = out
+            out.new_token_ids = [req.output_token_ids[-1]]
+            entry = result.logprobs.get(rid)
+            if entry is not None:
+                out.new_logprobs = [entry]
+            if req.is_finished:
+                out.finish_reason = _REASONS[req.status]
+                out.stop_reason = req.stop_reason if isinstance(req.stop_reason, int) else None
+                self._forget(req)
+        return list(outputs.values())
+
+    def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
+        """Launching ``sched`` raised: runs each of its requests in a step of its own, so that
+        only a request that fails alone ends (with the error it raised)."""
+        if len(sched.scheduled) == 1:
+            logger.exception("A step of one request failed", exc_info=error)
+            return [self._fail(sched.scheduled[0].request, error)]
+        logger.warning("A step of %d requests failed (%s: %s); running each alone",
+                       len(sched.scheduled), type(error).__name__, error)
+        outputs: list[EngineCoreOutput] = []
+        for s in sched.scheduled:
+            alone = SchedulerOutput(scheduled=[s])
+            try:
+                result = self.runner.launch(alone).result()
+            except Exception as e:
+                logger.exception("Request %s failed", s.request.request_id)
+                outputs.append(self._fail(s.request, e))
+                continue
+            outputs += self._apply(alone, result)
+        return outputs
+
+    def _fail(self, req: Request, error: BaseException) -> EngineCoreOutput:
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+        self._forget(req)
+        return EngineCoreOutput(req.request_id, finish_reason=FinishReason.ERROR,
+                                error=f"{type(error).__name__}: {error}")
+
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running_reqs=len(self.scheduler.running),
+            num_waiting_reqs=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage, num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self._prompt_tokens, generation_tokens=self._generation_tokens,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_free_blocks=kv.num_free_blocks, num_total_blocks=kv.pool.num_blocks,
+            step_num_reqs=self._last_step[0], step_num_tokens=self._last_step[1])
+
+
+def _reads_token_history(params: SamplingParams) -> bool:
+    """Whether sampling this request's next token reads its previous ones on the host."""
+    return bool(params.presence_penalty or params.frequency_penalty
+                or params.repetition_penalty != 1.0 or params.min_tokens
+                or params.logprobs is not None or params.prompt_logprobs is not None)
