@@ -8,10 +8,12 @@ serves until interrupted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Awaitable
+from types import FrameType
 
 import prometheus_client
 import uvicorn
@@ -20,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedllm import __version__
 from pagedllm.config import add_engine_args, engine_kwargs_from_args
-from pagedllm.engine.async_llm import AsyncLLM
+from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
 from pagedllm.entrypoints.openai.auth import APIKeyMiddleware
 from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers, to_api_error
 from pagedllm.entrypoints.openai.protocol import (
@@ -55,6 +57,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="Do not log one line per HTTP request.")
     server.add_argument("--disable-log-stats", action="store_true",
                         help="Do not print the periodic throughput / cache log line.")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="On SIGTERM or Ctrl-C, seconds to let requests in flight finish "
+                             "before they are aborted (new requests get a 503 meanwhile).")
 
 
 async def _answer(work: Awaitable[Response]) -> Response:
@@ -76,20 +81,27 @@ def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
     names = [engine.model_name]
     completion = OpenAIServingCompletion(engine, names)
     chat = OpenAIServingChat(engine, names)
-    cfg = engine.engine.config
+    cfg = engine.config
     metrics = PrometheusStatLogger(engine.model_name, cfg.scheduler.max_num_seqs,
                                    cfg.scheduler.max_num_batched_tokens or 8192)
     engine.add_stat_logger(metrics)
     app.state.engine = engine
     app.state.metrics = metrics
 
+    app.state.draining = False
+
+    def shutting_down() -> Response | None:
+        if not app.state.draining:
+            return None
+        return error_response("The server is shutting down.", 503)
+
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw: Request) -> Response:
-        return await _answer(completion.create(request, raw))
+        return shutting_down() or await _answer(completion.create(request, raw))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
-        return await _answer(chat.create(request, raw))
+        return shutting_down() or await _answer(chat.create(request, raw))
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -143,6 +155,49 @@ def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn that drains on SIGTERM or Ctrl-C: new requests get a 503, requests in flight
+    finish (up to ``shutdown_timeout`` seconds, then end with an error event), then it stops.
+    A second Ctrl-C stops at once. It also stops, with exit code 1, if the engine core dies."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, engine: AsyncLLM,
+                 shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.app, self.engine, self.shutdown_timeout = app, engine, shutdown_timeout
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.engine.on_dead(self._engine_died)
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.app.state.draining or self._loop is None:
+            self.force_exit = self.should_exit = True
+            return
+        self.app.state.draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        logger.info("Shutting down: waiting up to %.0f s for %d requests in flight",
+                    self.shutdown_timeout, self.engine.num_unfinished_requests)
+        while self.engine.num_unfinished_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.num_unfinished_requests:
+            logger.warning("Aborting %d requests still in flight",
+                           self.engine.num_unfinished_requests)
+            self.engine.abort_all(EngineDeadError(
+                "The server is shutting down; the request was aborted."))
+        self.should_exit = True
+
+    def _engine_died(self) -> None:  # on the front-end thread
+        self.exit_code = 1
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)
+
+
 def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
     prometheus_client.disable_created_metrics()  # no *_created series next to every metric
@@ -155,8 +210,11 @@ def main(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log)
+    server = _Server(config, app, engine, args.shutdown_timeout)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     finally:
         engine.shutdown()
-    return 0
+    if server.exit_code:
+        logger.error("Exiting: the engine core died")
+    return server.exit_code
