@@ -11,6 +11,11 @@ Layout shared by every backend (the CPU reference and the Triton kernels):
   the cache (its cached prefix plus the new ones), stored in blocks ``block_tables[r]``.
   The new tokens are the last ones, so query row ``j`` of request ``r`` sits at position
   ``seq_lens[r] - query_len + j`` and attends causally to positions ``<=`` that.
+
+Two per-layer options change what a query sees, as transformers applies them: a sliding window
+``w > 0`` limits the query at position ``p`` to keys at positions in ``(p - w, p]`` (Mistral,
+Gemma 2's every other layer), and a logit soft-cap ``c > 0`` replaces each scaled score ``s`` by
+``c * tanh(s / c)`` before the softmax (Gemma 2). 0 turns either off.
 """
 
 from __future__ import annotations
@@ -61,11 +66,12 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, *,
+                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
 
         Writes k, v at ``slot_mapping`` and returns [num_tokens, num_heads, head_dim].
+        ``sliding_window`` and ``softcap``: the layer's options (module docstring; 0 = off).
         """
 
 

@@ -4,11 +4,16 @@
 ``TorchAttentionBackend`` computes the same thing faster on the CPU: the step's decodes
 (one query token each) go through one batched SDPA over padded, gathered K/V; prompt chunks go
 one request at a time with an explicit causal mask offset by the cached prefix.
+
+A sliding window is one more condition in the mask (masks are built once per step and window,
+and shared by the layers with that window); a chunk gathers only the blocks its window reaches.
+Soft-capped scores need the scores themselves, which SDPA does not expose, so a soft-capped
+layer forms them explicitly (as transformers' eager attention does).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +41,22 @@ def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> t
     return block_table[pos // block_size].long() * block_size + pos % block_size
 
 
-def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    # Query row j sits at position seq_len - query_len + j. [query_len, seq_len] bool
+def _causal_mask(query_len: int, seq_len: int, device: torch.device, window: int = 0,
+                 first: int = 0) -> torch.Tensor:
+    """Which keys at positions first..seq_len-1 each query row sees. [query_len, seq_len - first]
+    bool. Query row j sits at position p = seq_len - query_len + j and sees keys in
+    (p - window, p], or [0, p] when window is 0."""
     q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
-    return torch.arange(seq_len, device=device)[None, :] <= q_pos
+    k_pos = torch.arange(first, seq_len, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if window:
+        visible &= k_pos > q_pos - window
+    return visible
+
+
+def first_visible(query_len: int, seq_len: int, window: int) -> int:
+    """The first position any of a chunk's queries sees (its first query's window start)."""
+    return max(0, seq_len - query_len - window + 1) if window else 0
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -55,12 +72,31 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.transpose(1, 2)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float, softcap: float) -> torch.Tensor:
+    """``_sdpa``, with the scores soft-capped when ``softcap`` > 0: then formed explicitly, in
+    transformers' eager order (scale, divide by the cap, tanh, multiply by it, mask, softmax)."""
+    if not softcap:
+        return _sdpa(q, k, v, mask, scale)
+    group = q.shape[2] // k.shape[2]
+    k = k.transpose(1, 2).repeat_interleave(group, dim=1)  # [B, H, kv_len, D]
+    v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = q.transpose(1, 2) @ k.transpose(2, 3) * scale  # [B, H, q_len, kv_len]
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:  # plain causal: q_len == kv_len
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
+
+
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
+                        scale: float, *, sliding_window: int = 0,
+                        softcap: float = 0.0) -> torch.Tensor:
     """Attention of the step's queries over the paged cache, one request at a time.
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] (float32 math).
-    Assumes the step's K/V are already written.
+    Assumes the step's K/V are already written. Reads every position of a request's context,
+    so that a window's mask, not which blocks are read, is what is tested.
     """
     block_size = kv_cache.shape[2]
     flat = kv_cache.flatten(1, 2)  # [2, num_slots, Hkv, D]
@@ -70,8 +106,9 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
         start, end = starts[r], starts[r + 1]
         slots = context_slots(metadata.block_tables[r], seq_len, block_size)
         k, v = flat[0, slots].float(), flat[1, slots].float()
-        mask = _causal_mask(end - start, seq_len, q.device)
-        o = _sdpa(q[None, start:end].float(), k[None], v[None], mask[None, None], scale)
+        mask = _causal_mask(end - start, seq_len, q.device, sliding_window)
+        o = _attend(q[None, start:end].float(), k[None], v[None], mask[None, None], scale,
+                    softcap)
         out[start:end] = o[0].to(q.dtype)
     return out
 
@@ -85,10 +122,46 @@ class _DecodeGroup:
 
     rows: torch.Tensor  # [n] query rows
     blocks: torch.Tensor  # [n * width] block ids, row-major (pad -> block 0)
-    mask: torch.Tensor  # [n, 1, 1, width * block_size] bool: position < seq_len
+    seq_lens: torch.Tensor  # [n, 1] int64
+    num_positions: int  # width * block_size
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> mask
     # Gather buffers, allocated by the first layer and reused by the others.
     k_buf: torch.Tensor | None = None
     v_buf: torch.Tensor | None = None
+
+    def mask(self, window: int) -> torch.Tensor:
+        """[n, 1, 1, width * block_size] bool: position < seq_len (and >= seq_len - window)."""
+        if window not in self.masks:
+            pos = torch.arange(self.num_positions, device=self.seq_lens.device)[None, :]
+            visible = pos < self.seq_lens
+            if window:
+                visible &= pos >= self.seq_lens - window
+            self.masks[window] = visible[:, None, None, :]
+        return self.masks[window]
+
+
+@dataclass
+class _Chunk:
+    """A request with several query rows: a prompt chunk, over a cached prefix or not."""
+
+    start: int  # query rows start:end
+    end: int
+    blocks: torch.Tensor  # [ceil(seq_len / block_size)] its block ids
+    seq_len: int
+    block_size: int
+    masks: dict[int, tuple[int, torch.Tensor | None]] = field(default_factory=dict)
+
+    def window_view(self, window: int) -> tuple[int, torch.Tensor | None]:
+        """(first block to read, mask over the positions from it on, or None for plain causal
+        attention): blocks wholly left of the first query's window are not read."""
+        if window not in self.masks:
+            query_len = self.end - self.start
+            first = first_visible(query_len, self.seq_len, window) // self.block_size
+            plain = query_len == self.seq_len and (not window or window >= self.seq_len)
+            mask = None if plain else _causal_mask(
+                query_len, self.seq_len, self.blocks.device, window, first * self.block_size)
+            self.masks[window] = (first, mask)
+        return self.masks[window]
 
 
 @dataclass
@@ -96,8 +169,7 @@ class _TorchStepData:
     fresh_blocks: torch.Tensor  # blocks whose first slot is written this step: cleared first
     padded: bool  # some slot is -1
     decodes: list[_DecodeGroup]
-    # (start, end, blocks, seq_len, mask or None for plain causal)
-    chunks: list[tuple[int, int, torch.Tensor, int, torch.Tensor | None]]
+    chunks: list[_Chunk]
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -111,7 +183,6 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
-        device = metadata.block_tables.device
         starts = metadata.query_starts_cpu
         decodes: list[int] = []
         chunks = []
@@ -121,9 +192,7 @@ class TorchAttentionBackend(AttentionBackend):
                 decodes.append(r)
                 continue
             blocks = metadata.block_tables[r, :-(-seq_len // block_size)].long()
-            fresh_prompt = end - start == seq_len  # no cached prefix: plain causal attention
-            chunks.append((start, end, blocks, seq_len,
-                           None if fresh_prompt else _causal_mask(end - start, seq_len, device)))
+            chunks.append(_Chunk(start, end, blocks, seq_len, block_size))
         decodes.sort(key=lambda r: metadata.seq_lens_cpu[r])
         size = max(1, -(-len(decodes) // DECODE_GROUPS))
         groups = [self._decode_group(metadata, decodes[i:i + size], block_size)
@@ -139,16 +208,15 @@ class TorchAttentionBackend(AttentionBackend):
         device = metadata.block_tables.device
         width = -(-metadata.seq_lens_cpu[reqs[-1]] // block_size)  # the longest is last
         index = torch.tensor(reqs, dtype=torch.long, device=device)
-        positions = torch.arange(width * block_size, device=device)
-        mask = positions[None, :] < metadata.seq_lens[index].long()[:, None]
         starts = metadata.query_starts_cpu
         rows = torch.tensor([starts[r] for r in reqs], dtype=torch.long, device=device)
         blocks = metadata.block_tables[index, :width].long().flatten()
-        return _DecodeGroup(rows, blocks, mask[:, None, None, :])
+        return _DecodeGroup(rows, blocks, metadata.seq_lens[index].long()[:, None],
+                            width * block_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, *,
+                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         data: _TorchStepData = metadata.backend_data
         if len(data.fresh_blocks):
             kv_cache[:, data.fresh_blocks] = 0
@@ -164,10 +232,14 @@ class TorchAttentionBackend(AttentionBackend):
             shape = (len(g.rows), -1, kv_heads, head_dim)  # [n, width * bs, Hkv, D]
             kd = torch.index_select(rows[0], 0, g.blocks, out=g.k_buf).view(shape)
             vd = torch.index_select(rows[1], 0, g.blocks, out=g.v_buf).view(shape)
-            out[g.rows] = _sdpa(q[g.rows][:, None], kd, vd, g.mask, scale)[:, 0]
-        for start, end, blocks, seq_len, mask in data.chunks:
-            kc = rows[0].index_select(0, blocks).view(-1, kv_heads, head_dim)[:seq_len]
-            vc = rows[1].index_select(0, blocks).view(-1, kv_heads, head_dim)[:seq_len]
-            out[start:end] = _sdpa(q[None, start:end], kc[None], vc[None],
-                                   None if mask is None else mask[None, None], scale)[0]
+            out[g.rows] = _attend(q[g.rows][:, None], kd, vd, g.mask(sliding_window), scale,
+                                  softcap)[:, 0]
+        for c in data.chunks:
+            first, mask = c.window_view(sliding_window)
+            length = c.seq_len - first * block_size  # positions read: from the first block on
+            kc = rows[0].index_select(0, c.blocks[first:]).view(-1, kv_heads, head_dim)[:length]
+            vc = rows[1].index_select(0, c.blocks[first:]).view(-1, kv_heads, head_dim)[:length]
+            out[c.start:c.end] = _attend(q[None, c.start:c.end], kc[None], vc[None],
+                                         None if mask is None else mask[None, None], scale,
+                                         softcap)[0]
         return out

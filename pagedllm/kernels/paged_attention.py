@@ -14,6 +14,12 @@ accumulators) and the softmax is the online one, in fp32 and base 2 (the scale i
 ``seq_len - query_len + j`` and sees positions ``<=`` it, which covers both a prompt chunk over a
 cached prefix and a decode; the loop stops at the tile's last visible position.
 
+Per-layer options (``USE_WINDOW``, ``USE_SOFTCAP`` compile them in only where used). A sliding
+window ``w`` hides keys at positions ``<= q_pos - w``; the loop starts at the tile's first query's
+window, so the blocks left of it are never read (a decode reads ``w`` positions, not its whole
+context). A soft-cap ``c`` replaces each scaled score ``s`` by ``c * tanh(s / c)`` (Gemma 2); the
+scale passed is then ``scale / c`` and the cap is applied in base 2 (``c * log2(e)``).
+
 Tile sizes (chosen on the host, see ``triton_backend.choose_block_m``). A decode step uses
 ``BLOCK_M = 16``, the smallest MMA height: decode is bound by reading KV, and a taller tile would
 only add softmax work on empty rows. Prompt chunks use 64 or 128 rows, which Triton lowers to
@@ -28,9 +34,10 @@ and ``block_tables`` are read, so the launch can be captured in a CUDA graph wit
 requests. Otherwise the host gives a tile map ``[num_tiles, 2]`` = (request, first query row).
 
 Split-KV. When there are too few programs to fill the GPU (small batch, long context), each
-program also takes one of ``NUM_SPLITS`` equal, ``BLOCK_N``-aligned slices of its request's
-context (slice length computed on the device from ``seq_lens``, so a captured graph stays right
-for any length), and writes unnormalised partials (running max, sum, accumulator) in fp32.
+program also takes one of ``NUM_SPLITS`` equal, ``BLOCK_N``-aligned slices of the context its
+tile reads (from the window's start, or 0, to the request's end; slice length computed on the
+device from ``seq_lens``, so a captured graph stays right for any length), and writes
+unnormalised partials (running max, sum, accumulator) in fp32.
 ``_combine_splits_kernel`` then merges the slices of every (token, KV-head group) by the usual
 rescaling.
 
@@ -57,11 +64,13 @@ def _attend_kv_range(
     q, q_pos,  # [BLOCK_M, HEAD_DIM] queries, [BLOCK_M] their positions
     table,  # this request's row of the block table
     kv_base,  # cache pointer at this KV head
-    kv_lo, kv_hi, qk_scale, stride_ckv, stride_cb, stride_cs,
+    kv_lo, kv_hi, qk_scale, window, softcap, stride_ckv, stride_cb, stride_cs,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
 ):
-    """Online softmax of q over context positions [kv_lo, kv_hi), causally masked by q_pos.
+    """Online softmax of q over context positions [kv_lo, kv_hi), causally masked by q_pos
+    (and by its window).
 
     Returns the unnormalised (running max, sum, accumulator), max and sum in base 2.
     """
@@ -77,7 +86,11 @@ def _attend_kv_range(
         k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=in_ctx[None, :],
                     other=0.0)  # [HEAD_DIM, BLOCK_N]
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if USE_SOFTCAP:  # s is score / c here: tanh(x) = 1 - 2 / (exp(2x) + 1), safe for any x
+            s = (1.0 - 2.0 / (tl.exp(2.0 * s) + 1.0)) * softcap
         visible = in_ctx[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible &= pos[None, :] > q_pos[:, None] - window
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -99,13 +112,13 @@ def _paged_attention_kernel(
     max_ptr, sum_ptr,  # [splits, num_tokens, num_heads] fp32 partials (split mode only)
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,  # [R + 1], [R], [R, max_blocks]
     tile_map_ptr,  # [num_tiles, 2] int32: (request, first query row); unused if ONE_TILE_PER_REQ
-    qk_scale, num_tokens,
+    qk_scale, window, softcap, num_tokens,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ONE_TILE_PER_REQ: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
@@ -131,21 +144,26 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
 
-    # Keys this tile can see: up to its last query's position (none for a padded request).
+    # Keys this tile can see: up to its last query's position (none for a padded request),
+    # from its first query's window on.
     kv_end = tl.minimum(seq_len, seq_len - q_len + q_first + BLOCK_Q)
     kv_end = tl.where(q_first < q_len, kv_end, 0)
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(seq_len - q_len + q_first - window + 1, 0)
     if NUM_SPLITS == 1:
-        kv_lo = 0
+        kv_lo = kv_start
         kv_hi = kv_end
     else:
-        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        kv_lo = split * split_len
+        split_len = tl.cdiv(tl.cdiv(seq_len - kv_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = kv_start + split * split_len
         kv_hi = tl.minimum(kv_lo + split_len, kv_end)
 
     table = block_tables_ptr + req.to(tl.int64) * stride_bt
     m_i, l_i, acc = _attend_kv_range(
-        q, q_pos, table, kv_ptr + kv_head * stride_ch, kv_lo, kv_hi, qk_scale,
-        stride_ckv, stride_cb, stride_cs, BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+        q, q_pos, table, kv_ptr + kv_head * stride_ch, kv_lo, kv_hi, qk_scale, window, softcap,
+        stride_ckv, stride_cb, stride_cs, BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
+        USE_WINDOW, USE_SOFTCAP)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -206,13 +224,16 @@ def _launch_config(head_dim: int, block_m: int) -> tuple[int, int, int]:
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, *, block_m: int,
-                           tile_map: torch.Tensor | None, num_splits: int = 1) -> torch.Tensor:
+                           tile_map: torch.Tensor | None, num_splits: int = 1,
+                           sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """Attention of a step's queries over the paged cache (the step's K/V already written).
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] in q's dtype.
     ``block_m`` rows per tile hold ``block_m // next_pow2(group)`` query tokens; ``tile_map``
     ([num_tiles, 2] int32, (request, first query row)) or None when every request fits one tile;
     ``num_splits`` > 1 splits each request's context into that many slices plus a combine pass.
+    ``sliding_window`` > 0: a query at position p sees keys in (p - window, p]; ``softcap`` > 0:
+    scores are capped to ``softcap * tanh(score / softcap)``.
     Rows of tokens that belong to no request are left unwritten. Never synchronizes.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -240,7 +261,9 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         q, kv_cache, target, m_part, l_part, query_start_loc, seq_lens, block_tables,
         query_start_loc if tile_map is None else tile_map,
-        scale * LOG2_E, num_tokens,
+        # Soft-capping needs the plain score / c; without it the log2(e) factor goes in here.
+        scale / softcap if softcap else scale * LOG2_E, sliding_window, softcap * LOG2_E,
+        num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
@@ -248,6 +271,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
         BLOCK_SIZE=kv_cache.shape[2], BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         ONE_TILE_PER_REQ=tile_map is None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

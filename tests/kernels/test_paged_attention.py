@@ -1,4 +1,6 @@
-"""The Triton paged attention equals paged_attention_ref on random mixed steps.
+"""The Triton paged attention equals paged_attention_ref on random mixed steps, with and without
+a sliding window and a logit soft-cap; the reference's window and cap equal their definition, and
+the CPU backend equals the reference.
 
 Every step mixes prompt chunks over a cached prefix (query_len < seq_len), fresh prompts and
 decodes with ragged lengths. Cache slots that no real request may read (the tails of blocks,
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +20,11 @@ import torch
 pytest.importorskip("triton")
 
 from pagedllm.attention.backend import AttentionMetadata  # noqa: E402
-from pagedllm.attention.torch_backend import paged_attention_ref, write_kv  # noqa: E402
+from pagedllm.attention.torch_backend import (  # noqa: E402
+    TorchAttentionBackend,
+    paged_attention_ref,
+    write_kv,
+)
 from pagedllm.attention.triton_backend import (  # noqa: E402
     TritonAttentionBackend,
     build_tile_map,
@@ -83,22 +90,24 @@ def make_step(reqs: list[tuple[int, int]], *, block_size: int, group: int, head_
     return Step(q.to(**to), k.to(**to), v.to(**to), cache.to(**to), metadata, real)
 
 
-def reference(step: Step, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cache with the step's K/V written, expected output rows of real tokens)."""
+def reference(step: Step, scale: float, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache with the step's K/V written, expected output rows of real tokens); ``options``:
+    sliding_window, softcap."""
     cache = step.kv_cache.clone()
     write_kv(step.k, step.v, cache, step.metadata.slot_mapping)
-    return cache, paged_attention_ref(step.q, cache, step.metadata, scale)[:step.num_real_tokens]
+    out = paged_attention_ref(step.q, cache, step.metadata, scale, **options)
+    return cache, out[:step.num_real_tokens]
 
 
 def run_kernel(step: Step, cache: torch.Tensor, scale: float, *, block_m: int,
-               num_splits: int, one_tile_per_req: bool) -> torch.Tensor:
+               num_splits: int, one_tile_per_req: bool, **options: Any) -> torch.Tensor:
     group_pad = 1 << (step.q.shape[1] // NUM_KV_HEADS - 1).bit_length()
     md = step.metadata
     tile_map = None if one_tile_per_req else build_tile_map(
         md.query_lens_cpu, block_m // group_pad, DEVICE)
     out = paged_attention_triton(step.q, cache, md.query_start_loc, md.seq_lens, md.block_tables,
                                  scale, block_m=block_m, tile_map=tile_map,
-                                 num_splits=num_splits)
+                                 num_splits=num_splits, **options)
     return out[:step.num_real_tokens]
 
 
@@ -190,3 +199,81 @@ def test_block_m_and_tile_map() -> None:
     assert choose_block_m(max_query_len=2048, group_pad=32, max_rows=16) == 32
     tiles = build_tile_map([3, 0, 1, 9], block_q=4, device=torch.device("cpu"))
     assert tiles.tolist() == [[0, 0], [2, 0], [3, 0], [3, 4], [3, 8]]
+
+
+# --- per-layer options: sliding window (a query at p sees keys in (p - w, p]), logit soft-cap ----
+
+# (sliding_window, softcap): a window inside one block, one block, several blocks; caps alone
+# and with a window. MIXED's 20-token chunk starts at position 25, so a window of 5 or 16 skips
+# its first block.
+OPTIONS = [(5, 0.0), (16, 0.0), (40, 0.0), (0, 2.0), (16, 3.0)]
+
+
+def definition(step: Step, cache: torch.Tensor, scale: float, window: int,
+               softcap: float) -> torch.Tensor:
+    """Query by query over the positions it sees, listed explicitly. [real tokens, H, D]"""
+    md, block_size = step.metadata, cache.shape[2]
+    group = step.q.shape[1] // NUM_KV_HEADS
+    out = torch.empty(step.num_real_tokens, *step.q.shape[1:])
+    for r, (q_start, seq_len) in enumerate(zip(md.query_starts_cpu, md.seq_lens_cpu)):
+        for j in range(md.query_lens_cpu[r]):
+            p = seq_len - md.query_lens_cpu[r] + j
+            seen = range(max(0, p - window + 1) if window else 0, p + 1)
+            blocks = md.block_tables[r].cpu()[[s // block_size for s in seen]]
+            k, v = cache.cpu().float()[:, blocks, [s % block_size for s in seen]]  # [n, Hkv, D]
+            q = step.q[q_start + j].cpu().float()  # [H, D]
+            scores = torch.einsum("hd,nhd->hn", q, k.repeat_interleave(group, 1)) * scale
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
+            out[q_start + j] = torch.einsum("hn,nhd->hd", scores.softmax(-1),
+                                            v.repeat_interleave(group, 1))
+    return out
+
+
+def mixed_step(dtype: torch.dtype = torch.float32, group: int = 2, seed: int = 0) -> Step:
+    return make_step(MIXED + [(0, 0)], block_size=16, group=group, head_dim=64, dtype=dtype,
+                     pad_tokens=2, seed=seed)
+
+
+@pytest.mark.parametrize("window,softcap", OPTIONS)
+def test_reference_options_follow_their_definition(window: int, softcap: float) -> None:
+    step = mixed_step()
+    cache, out = reference(step, 0.125, sliding_window=window, softcap=softcap)
+    torch.testing.assert_close(out, definition(step, cache, 0.125, window, softcap))
+    assert not torch.allclose(out, reference(step, 0.125)[1])  # the option changes the output
+
+
+def test_cpu_backend_matches_reference_per_layer_options() -> None:
+    """Layers with different options share one step's metadata (masks cached per window)."""
+    step = mixed_step()
+    backend = TorchAttentionBackend()
+    backend.prepare(step.metadata, block_size=16)
+    # The engine's blocks hold zeros past their last written slot (see TorchAttentionBackend).
+    cache = step.kv_cache.nan_to_num(0.0)
+    for window, softcap in [*OPTIONS, (0, 0.0), (5, 0.0)]:
+        _, expected = reference(step, 0.125, sliding_window=window, softcap=softcap)
+        out = backend.forward(step.q, step.k, step.v, cache, step.metadata, 0.125,
+                              sliding_window=window, softcap=softcap)
+        assert_matches(out[:step.num_real_tokens], expected)
+
+
+@pytest.mark.parametrize("window,softcap", OPTIONS)
+@pytest.mark.parametrize("num_splits,dtype", [(1, torch.float32), (2, torch.bfloat16)])
+def test_kernel_options_match_reference(window: int, softcap: float, num_splits: int,
+                                        dtype: torch.dtype) -> None:
+    step = mixed_step(dtype, group=4, seed=window)
+    cache, expected = reference(step, 0.125, sliding_window=window, softcap=softcap)
+    out = run_kernel(step, cache, 0.125, block_m=16, num_splits=num_splits,
+                     one_tile_per_req=False, sliding_window=window, softcap=softcap)
+    assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_kernel_window_on_a_padded_decode_step(num_splits: int) -> None:
+    """A CUDA-graph decode step: each request reads its last 24 positions only."""
+    step = make_step(DECODES, block_size=16, group=2, head_dim=64, dtype=torch.float32,
+                     pad_tokens=2, seed=3)
+    cache, expected = reference(step, 0.125, sliding_window=24, softcap=5.0)
+    out = run_kernel(step, cache, 0.125, block_m=16, num_splits=num_splits,
+                     one_tile_per_req=True, sliding_window=24, softcap=5.0)
+    assert_matches(out, expected)
