@@ -34,18 +34,49 @@ class RMSNorm(nn.Module):
         x: [T, N] or [T, heads, N] (q/k norm); the Triton path takes strided views of these.
         """
         if dispatch.use_triton(x):
-            from pagedllm.kernels import rms_norm
-
-            if residual is None:
-                return rms_norm.rms_norm_triton(x, self.weight, self.eps)
-            return rms_norm.add_rms_norm_triton(x, residual, self.weight, self.eps)
+            return self._triton(x, residual, self.weight)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+    def _triton(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        from pagedllm.kernels import rms_norm
+
+        if residual is None:
+            return rms_norm.rms_norm_triton(x, weight, self.eps)
+        return rms_norm.add_rms_norm_triton(x, residual, weight, self.eps)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x) in float32."""
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * self._normalized(x).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the weights are offsets from 1 (initialised to 0) and the scale
+    ``1 + weight`` is applied in float32 before the cast back, as transformers' Gemma norms do.
+
+    On CUDA the kernel gets the float32 scale as its weight; it rounds the normalized row to the
+    input dtype before scaling (as for RMSNorm), so there it differs by that rounding.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not dispatch.use_triton(x):
+            return super().forward(x, residual)
+        out = self._triton(x, residual, 1.0 + self.weight.float())  # float32 output
+        if residual is None:
+            return out.to(x.dtype)
+        return out[0].to(x.dtype), out[1]
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._normalized(x) * (1.0 + self.weight.float())).to(x.dtype)

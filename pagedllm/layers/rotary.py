@@ -206,11 +206,17 @@ class MRotaryEmbedding(RotaryEmbedding):
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor,
                  cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D]; k: [T, Hkv, D]; cos, sin: [T, 1, D]. Returns new tensors.
+    """q: [T, H, D]; k: [T, Hkv, D]; cos, sin: [T, 1, R], R <= D. Returns new tensors.
 
-    On CUDA one kernel rotates q and k, which may be strided views of the fused qkv output.
+    With R < D (partial rotary, Phi-4-mini) the first R dims of each head are rotated and the
+    others pass through. On CUDA one kernel rotates q and k, which may be strided views of the
+    fused qkv output.
     """
     cos, sin = cos_sin
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:
+        q_rot, k_rot = apply_rotary(q[..., :rot], k[..., :rot], cos_sin)
+        return torch.cat((q_rot, q[..., rot:]), dim=-1), torch.cat((k_rot, k[..., rot:]), dim=-1)
     if dispatch.use_triton(q):
         from pagedllm.kernels.rotary import rotary_triton
 

@@ -3,7 +3,8 @@
 Everything that sizes memory (the planner, KV cache sizing) and the model code read these
 fields, never the raw dict, so transformers 4 and 5 config spellings are handled in one place.
 Vision-language models (Qwen2-VL) add a ``VisionArch`` for the image encoder and M-RoPE;
-RoPE scaling (Llama 3.x, YaRN, ...) is a ``RopeScaling``.
+RoPE scaling (Llama 3.x, YaRN, ...) is a ``RopeScaling``. Per-layer attention (sliding windows,
+Gemma's soft-caps and score scale) is read as transformers reads it, family defaults included.
 """
 
 from __future__ import annotations
@@ -60,10 +61,6 @@ class RopeScaling:
         if missing:
             raise ValueError(f"RoPE scaling type {rope_type!r} needs {missing} in the model "
                              "config's rope_scaling / rope_parameters.")
-        partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
-            raise ValueError(f"partial_rotary_factor={partial} is not supported: pagedllm "
-                             "rotates the whole head.")
         # As transformers: a top-level original_max_position_embeddings (Phi-3) wins.
         original = (config.get("original_max_position_embeddings")
                     or params.get("original_max_position_embeddings") or max_position_embeddings)
@@ -162,6 +159,14 @@ class ModelArch:
     image_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision: VisionArch | None = None
+    # per layer, the sliding window of its attention: a query at p sees keys in (p - w, p];
+    # 0 = full attention. Empty only for an arch built by hand (read as all full).
+    sliding_windows: tuple[int, ...] = ()
+    rotary_dim: int = 0  # leading dims of a head RoPE rotates (Phi-4-mini: 3/4 of it); 0: all
+    hidden_act: str = "silu"  # the gated MLP's activation
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scale by its -1/2, not head_dim's
+    attn_logit_softcap: float = 0.0  # Gemma 2: scores capped to c * tanh(s / c); 0 = none
+    final_logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
@@ -176,6 +181,10 @@ class ModelArch:
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         vision = config.get("vision_config")
         max_positions = text.get("max_position_embeddings", 2048)
+        head_dim = text.get("head_dim") or hidden // num_heads
+        if text.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention (an embedding model's non-causal "
+                             "attention) is not supported: pagedllm generates causally.")
         return cls(
             architecture=architectures[0],
             model_type=model_type,
@@ -184,13 +193,12 @@ class ModelArch:
             num_layers=text["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=text.get("num_key_value_heads") or num_heads,
-            head_dim=text.get("head_dim") or hidden // num_heads,
+            head_dim=head_dim,
             vocab_size=text["vocab_size"],
             max_position_embeddings=max_positions,
             rope_theta=float(rope_theta(text)),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings",
-                                                text.get("tie_word_embeddings", False))),
+            tie_word_embeddings=tie_word_embeddings(config),
             qkv_bias=bool(text.get("attention_bias", model_type.startswith("qwen2"))),
             qk_norm=model_type.startswith("qwen3"),
             bos_token_id=config.get("bos_token_id", text.get("bos_token_id")),
@@ -201,6 +209,12 @@ class ModelArch:
             image_token_id=config.get("image_token_id"),
             vision_start_token_id=config.get("vision_start_token_id"),
             vision=VisionArch.from_hf_config(vision, hidden) if vision else None,
+            sliding_windows=sliding_windows(text, model_type, max_positions),
+            rotary_dim=rotary_dim(text, head_dim),
+            hidden_act=text.get("hidden_activation") or text.get("hidden_act") or "silu",
+            query_pre_attn_scalar=_optional_float(text.get("query_pre_attn_scalar")),
+            attn_logit_softcap=float(text.get("attn_logit_softcapping") or 0.0),
+            final_logit_softcap=float(text.get("final_logit_softcapping") or 0.0),
         )
 
     @property
@@ -210,6 +224,72 @@ class ModelArch:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def sliding_window(self, layer_idx: int) -> int:
+        """The window of layer ``layer_idx``'s attention; 0 = full attention."""
+        return self.sliding_windows[layer_idx] if self.sliding_windows else 0
+
+
+# Families whose checkpoints tie the output projection to the embeddings unless told otherwise
+# (transformers' config defaults; Gemma 2's published configs do not write the key).
+_TIED_BY_DEFAULT = ("gemma",)
+# Families whose window applies only with use_sliding_window (default false) and only to the
+# layers from max_window_layers on.
+_WINDOW_FLAG_FAMILIES = ("qwen",)
+
+
+def tie_word_embeddings(config: dict[str, Any]) -> bool:
+    text = config.get("text_config") or config
+    default = str(config.get("model_type", "")).startswith(_TIED_BY_DEFAULT)
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", default)))
+
+
+def sliding_windows(config: dict[str, Any], model_type: str,
+                    max_positions: int) -> tuple[int, ...]:
+    """Each layer's window as transformers applies it: ``layer_types`` where the config lists
+    them, else the family's rule (Gemma 2: every other layer from the first; Gemma 3: all but
+    every ``sliding_window_pattern``-th; Qwen: from ``max_window_layers`` on, if
+    ``use_sliding_window``; Mistral, Phi-3 and others with a ``sliding_window``: every layer).
+    A window of at least ``max_position_embeddings`` hides nothing, so it reads as 0."""
+    num_layers = config["num_hidden_layers"]
+    window = config.get("sliding_window") or 0
+    if model_type.startswith(_WINDOW_FLAG_FAMILIES) and not config.get("use_sliding_window"):
+        window = 0
+    if not window or window >= max_positions:
+        return (0,) * num_layers
+    types = config.get("layer_types")
+    if types is None or model_type == "mistral":  # transformers' Mistral ignores layer_types
+        types = [_default_layer_type(config, model_type, i) for i in range(num_layers)]
+    if len(types) != num_layers:
+        raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
+
+
+def _default_layer_type(config: dict[str, Any], model_type: str, i: int) -> str:
+    if model_type == "gemma2":
+        sliding = i % 2 == 0
+    elif model_type.startswith("gemma3"):
+        sliding = (i + 1) % config.get("sliding_window_pattern", 6) != 0
+    elif model_type.startswith(_WINDOW_FLAG_FAMILIES):
+        sliding = i >= config.get("max_window_layers", 0)
+    else:
+        sliding = True
+    return "sliding_attention" if sliding else "full_attention"
+
+
+def rotary_dim(config: dict[str, Any], head_dim: int) -> int:
+    """``partial_rotary_factor`` (transformers 5: in ``rope_parameters``) x head_dim."""
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    factor = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    dim = int(head_dim * factor)
+    if dim % 2 or not 0 < dim <= head_dim:
+        raise ValueError(f"partial_rotary_factor={factor} gives {dim} rotary dims of a "
+                         f"{head_dim}-dim head; pagedllm needs an even count.")
+    return dim
 
 
 def rope_theta(config: dict[str, Any]) -> float:

@@ -1,6 +1,8 @@
-"""The Llama-family decoder: Llama (SmolLM2), Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm).
+"""The Llama-family decoder: Llama (SmolLM2), Mistral (sliding window), Qwen2 (qkv bias) and
+Qwen3 (q/k RMSNorm).
 
-One implementation, switched by ``ModelArch`` flags, since the three differ only there.
+One implementation, switched by ``ModelArch`` flags, since these differ only there; families
+whose layers differ in shape (Gemma 2, Phi-3) subclass the pieces here in a file of their own.
 Checkpoint names are Hugging Face's; q/k/v and gate/up load into merged matrices (one matmul each).
 """
 
@@ -12,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.activation import gated_activation
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
@@ -21,17 +23,20 @@ from pagedllm.models.arch import ModelArch
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int) -> None:
+    """``norm``: the q/k norm's class (Gemma 3 scales by 1 + weight)."""
+
+    def __init__(self, arch: ModelArch, layer_idx: int, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.arch = arch
         self.qkv_proj = ColumnParallelLinear(
             arch.hidden_size, [arch.q_size, arch.kv_size, arch.kv_size], bias=arch.qkv_bias)
         self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
-            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.q_norm = norm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = norm(arch.head_dim, arch.rms_norm_eps)
         self.attn = Attention(layer_idx, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                              arch.head_dim ** -0.5)
+                              arch.attention_scale, arch.sliding_window(layer_idx),
+                              arch.attn_logit_softcap)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a = self.arch
@@ -50,7 +55,7 @@ class DecoderMLP(nn.Module):
         super().__init__()
         inter = arch.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [inter, inter])
-        self.act = SiluAndMul()
+        self.act = gated_activation(arch.hidden_act)
         self.down_proj = RowParallelLinear(inter, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,24 +84,35 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
+    """A family that differs in its layers or norms names them in ``layer_class`` and
+    ``norm_class``."""
+
+    layer_class: type[nn.Module] = DecoderLayer
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.layers = nn.ModuleList(self.layer_class(arch, i) for i in range(arch.num_layers))
+        self.norm = self.norm_class(arch.hidden_size, arch.rms_norm_eps)
+        rotary_dim = arch.rotary_dim or arch.head_dim
         if arch.mrope_section is None:
-            self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
+            self.rotary = RotaryEmbedding(rotary_dim, arch.max_position_embeddings,
                                           arch.rope_theta, arch.rope_scaling)
         else:
-            self.rotary = MRotaryEmbedding(arch.head_dim, arch.max_position_embeddings,
+            self.rotary = MRotaryEmbedding(rotary_dim, arch.max_position_embeddings,
                                            arch.rope_theta, arch.mrope_section,
                                            arch.rope_scaling)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden]."""
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """positions: [T], or [3, T] with M-RoPE; ``inputs_embeds`` [T, hidden] replace the
         token embeddings (a multimodal model has put image features in them)."""
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary(positions, x.dtype)
         residual = None
         for layer in self.layers:
@@ -115,10 +131,12 @@ _NUM_PIECES = Counter(merged for merged, _ in _MERGED.values())  # merged name -
 
 
 class DecoderForCausalLM(nn.Module):
+    model_class: type[DecoderModel] = DecoderModel
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch)
+        self.model = self.model_class(arch)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

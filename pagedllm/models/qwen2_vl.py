@@ -177,7 +177,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         ``image_token_id`` token; the caller makes the counts match.
         """
         decoder = self.language_model.model
-        embeds = decoder.embed_tokens(input_ids)  # [T, hidden]
+        embeds = decoder.embed(input_ids)  # [T, hidden]
         if image_embeds is not None:  # neither way synchronizes with the host
             if image_token_index is None:
                 mask = (input_ids == self.arch.image_token_id).unsqueeze(-1)

@@ -10,6 +10,7 @@ from pagedllm.models.arch import ModelArch
 
 # architecture name -> (module, class); imported on first use
 _MODELS: dict[str, tuple[str, str]] = {
+    "Gemma2ForCausalLM": ("pagedllm.models.gemma2", "Gemma2ForCausalLM"),
     "LlamaForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "MistralForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Qwen2ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),

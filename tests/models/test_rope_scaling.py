@@ -14,14 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM
 from pagedllm.layers.rotary import RotaryEmbedding, rope_frequencies
 from pagedllm.models.arch import ModelArch, RopeScaling
 from pagedllm.models.loader import ModelSource, load_hf_config, resolve_model
+from tests.models.conftest import (
+    CHUNKED,
+    hf_greedy,
+    pagedllm_greedy,
+    random_prompts,
+    randomize,
+    save_checkpoint,
+)
 
 HEAD_DIM, MAX_POSITIONS, ORIGINAL, VOCAB, THETA = 16, 128, 32, 256, 500.0
-MAX_TOKENS = 16
-GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 _SHORT = [1.0 + 0.05 * i for i in range(HEAD_DIM // 2)]
 _LONG = [1.0 + 1.5 * i for i in range(HEAD_DIM // 2)]
 
@@ -156,36 +162,15 @@ class Checkpoint:
 def _random_model(rope_scaling: dict[str, Any] | None) -> Any:
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(_config(rope_scaling)).eval()
-    with torch.no_grad():  # larger random weights than the init, so greedy outputs vary
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.1)
-    return model
+    return randomize(LlamaForCausalLM(_config(rope_scaling)))
 
 
 def _save(model: Any, folder: Path) -> str:
-    """The checkpoint and a word-level tokenizer ("t0".."t255"): prompts are token ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    model.save_pretrained(folder)
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return str(folder)
+    return save_checkpoint(model, folder, VOCAB)
 
 
 def _prompts(lengths: tuple[int, ...]) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
-
-
-def _greedy(model: Any, prompt: list[int]) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return random_prompts(lengths, VOCAB)
 
 
 @pytest.fixture(scope="module", params=list(SCALINGS))
@@ -194,26 +179,21 @@ def checkpoint(request: pytest.FixtureRequest,
     name = request.param
     model = _random_model(SCALINGS[name])
     prompts = _prompts(PROMPT_LENGTHS.get(name, DEFAULT_LENGTHS))
-    expected = [_greedy(model, p) for p in prompts]
+    expected = [hf_greedy(model, p) for p in prompts]
     if name != "dynamic":  # the scaling matters: plain RoPE gives other tokens
         plain = _random_model(None)
-        assert [_greedy(plain, p) for p in prompts] != expected
+        assert [hf_greedy(plain, p) for p in prompts] != expected
     return Checkpoint(_save(model, tmp_path_factory.mktemp(name)), prompts, expected)
-
-
-def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    return [out.outputs[0].token_ids for out in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
 def test_greedy_matches_transformers(checkpoint: Checkpoint) -> None:
     llm = LLM(checkpoint.folder, dtype="float32", kv_cache_memory_bytes=8 * 2**20)
-    assert _generate(llm, checkpoint.prompts) == checkpoint.expected
+    assert pagedllm_greedy(llm, checkpoint.prompts) == checkpoint.expected
 
 
 def test_greedy_matches_transformers_in_chunks_of_16(checkpoint: Checkpoint) -> None:
-    llm = LLM(checkpoint.folder, dtype="float32", kv_cache_memory_bytes=8 * 2**20,
-              max_num_batched_tokens=16, max_num_seqs=4, block_size=8)
-    assert _generate(llm, checkpoint.prompts) == checkpoint.expected
+    llm = LLM(checkpoint.folder, dtype="float32", kv_cache_memory_bytes=8 * 2**20, **CHUNKED)
+    assert pagedllm_greedy(llm, checkpoint.prompts) == checkpoint.expected
 
 
 def test_longrope_prompt_past_the_window_uses_long_factors_from_it_on(tmp_path: Path) -> None:
@@ -222,15 +202,15 @@ def test_longrope_prompt_past_the_window_uses_long_factors_from_it_on(tmp_path: 
     reference is transformers' model with that table in place of its rotary embedding."""
     model = _random_model(SCALINGS["longrope"])
     prompts = _prompts((48, 70))
-    transformers_tokens = [_greedy(model, p) for p in prompts]
+    transformers_tokens = [hf_greedy(model, p) for p in prompts]
     table = _ours(_arch(SCALINGS["longrope"]))
     model.model.rotary_emb.forward = lambda x, position_ids: (
         table.cos[position_ids].to(x.dtype), table.sin[position_ids].to(x.dtype))
-    expected = [_greedy(model, p) for p in prompts]
+    expected = [hf_greedy(model, p) for p in prompts]
     assert expected != transformers_tokens  # the documented difference is real
     llm = LLM(_save(model, tmp_path), dtype="float32", kv_cache_memory_bytes=8 * 2**20,
               max_num_batched_tokens=16, max_num_seqs=4)
-    assert _generate(llm, prompts) == expected
+    assert pagedllm_greedy(llm, prompts) == expected
 
 
 # --- GGUF: rope_freqs.weight and rope.scaling metadata ------------------------------------------

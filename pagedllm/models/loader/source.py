@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from pagedllm.models.arch import tie_word_embeddings
 from pagedllm.models.loader.gguf import gguf_config, iter_gguf_weights
 from pagedllm.models.loader.hf import hf_config, iter_hf_weights
 
@@ -104,7 +105,5 @@ def iter_weights(source: ModelSource, dtype: torch.dtype = torch.float32,
     if source.kind == "gguf":
         yield from iter_gguf_weights(source.path, dtype)
         return
-    config = hf_config(source.path)
-    text = config.get("text_config") or config
-    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    tied = tie_word_embeddings(hf_config(source.path))
     yield from iter_hf_weights(source.path, dtype, skip_lm_head=tied)
