@@ -237,9 +237,11 @@ class ModelArch:
 # Families whose checkpoints tie the output projection to the embeddings unless told otherwise
 # (transformers' config defaults; Gemma 2's published configs do not write the key).
 _TIED_BY_DEFAULT = ("gemma",)
-# Families whose window applies only with use_sliding_window (default false) and only to the
-# layers from max_window_layers on.
+# Families whose window applies only with use_sliding_window (default false).
 _WINDOW_FLAG_FAMILIES = ("qwen",)
+# Families whose modeling code reads layer_types; the others slide on every layer.
+_LAYER_TYPE_FAMILIES = ("gemma2", "gemma3", "qwen")
+_EVERY_LAYER_FAMILIES = ("mistral", "mixtral", "phi3")
 
 
 def tie_word_embeddings(config: dict[str, Any]) -> bool:
@@ -250,19 +252,22 @@ def tie_word_embeddings(config: dict[str, Any]) -> bool:
 
 def sliding_windows(config: dict[str, Any], model_type: str,
                     max_positions: int) -> tuple[int, ...]:
-    """Each layer's window as transformers applies it: ``layer_types`` where the config lists
-    them, else the family's rule (Gemma 2: every other layer from the first; Gemma 3: all but
-    every ``sliding_window_pattern``-th; Qwen: from ``max_window_layers`` on, if
-    ``use_sliding_window``; Mistral, Phi-3 and others with a ``sliding_window``: every layer).
-    A window of at least ``max_position_embeddings`` hides nothing, so it reads as 0."""
+    """Each layer's window as transformers applies it. Gemma 2/3 and Qwen list ``layer_types``
+    (or follow their rule: Gemma 2 every other layer from the first, Gemma 3 all but every
+    ``sliding_window_pattern``-th, Qwen from ``max_window_layers`` on if
+    ``use_sliding_window``); Mistral and Phi-3 slide on every layer; other families (Llama)
+    have no window whatever the config says. A window of at least ``max_position_embeddings``
+    hides nothing, so it reads as 0."""
     num_layers = config["num_hidden_layers"]
     window = config.get("sliding_window") or 0
     if model_type.startswith(_WINDOW_FLAG_FAMILIES) and not config.get("use_sliding_window"):
         window = 0
+    if not model_type.startswith(_LAYER_TYPE_FAMILIES + _EVERY_LAYER_FAMILIES):
+        window = 0
     if not window or window >= max_positions:
         return (0,) * num_layers
-    types = config.get("layer_types")
-    if types is None or model_type == "mistral":  # transformers' Mistral ignores layer_types
+    types = config.get("layer_types") if model_type.startswith(_LAYER_TYPE_FAMILIES) else None
+    if types is None:
         types = [_default_layer_type(config, model_type, i) for i in range(num_layers)]
     if len(types) != num_layers:
         raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
@@ -270,12 +275,12 @@ def sliding_windows(config: dict[str, Any], model_type: str,
 
 
 def _default_layer_type(config: dict[str, Any], model_type: str, i: int) -> str:
-    if model_type == "gemma2":
+    if model_type.startswith("gemma2"):
         sliding = i % 2 == 0
     elif model_type.startswith("gemma3"):
         sliding = (i + 1) % config.get("sliding_window_pattern", 6) != 0
     elif model_type.startswith(_WINDOW_FLAG_FAMILIES):
-        sliding = i >= config.get("max_window_layers", 0)
+        sliding = i >= config.get("max_window_layers", 28)  # transformers' default
     else:
         sliding = True
     return "sliding_attention" if sliding else "full_attention"
