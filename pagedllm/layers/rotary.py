@@ -12,9 +12,9 @@ a paged engine runs many sequences in one step, so here a row depends on its pos
   original_max_position_embeddings and the long ones once they reach it, so rows below it are
   short and rows from it on are long. That is exact for every sequence whose prompt fits in the
   original window (one that crosses it while decoding keeps short keys for its first positions
-  in transformers too); a longer prompt is rotated with the long factors throughout in
-  transformers. vLLM uses the long table for every position once max_model_len exceeds the
-  original window.
+  in transformers' Llama too, but transformers' Phi-3 then recomputes the whole cache with the
+  long factors); a longer prompt is rotated with the long factors throughout in transformers.
+  vLLM uses the long table for every position once max_model_len exceeds the original window.
 """
 
 from __future__ import annotations

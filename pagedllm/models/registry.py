@@ -13,6 +13,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma2ForCausalLM": ("pagedllm.models.gemma2", "Gemma2ForCausalLM"),
     "LlamaForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "MistralForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
+    "Phi3ForCausalLM": ("pagedllm.models.phi3", "Phi3ForCausalLM"),
     "Qwen2ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Qwen3ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Qwen2VLForConditionalGeneration": ("pagedllm.models.qwen2_vl",
