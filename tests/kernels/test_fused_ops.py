@@ -30,7 +30,7 @@ from pagedllm.layers.activation import SiluAndMul  # noqa: E402
 from pagedllm.layers.norm import RMSNorm  # noqa: E402
 from pagedllm.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 from pagedllm.models.arch import ModelArch  # noqa: E402
-from pagedllm.models.llama import DecoderModel  # noqa: E402
+from pagedllm.models.registry import model_class  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -168,6 +168,15 @@ ARCHS = {
               "num_attention_heads": 4, "num_key_value_heads": 2},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
               "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64},
+    # (1 + weight) norms with a float32 scale, four a layer; GELU-tanh; a 4-token window
+    "gemma2": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 24,
+               "attn_logit_softcapping": 5.0, "sliding_window": 4},
+    # Phi-4-mini's partial rotary: 18 of 24 dims rotated, through strided views
+    "phi4-mini": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+                  "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "partial_rotary_factor": 0.75},
 }
 
 
@@ -180,7 +189,7 @@ def test_decoder_with_kernels_matches_torch_path(name: str,
         "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2, "vocab_size": 50,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, **ARCHS[name]})
     torch.manual_seed(0)
-    model = DecoderModel(arch).to(DEVICE)
+    model = model_class(arch)(arch).model.to(DEVICE)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3 if p.dim() > 1 else 1.0)
