@@ -167,6 +167,9 @@ class ModelArch:
     query_pre_attn_scalar: float | None = None  # Gemma: scores scale by its -1/2, not head_dim's
     attn_logit_softcap: float = 0.0  # Gemma 2: scores capped to c * tanh(s / c); 0 = none
     final_logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
+    # Gemma 3: the sliding layers' RoPE (its own base, no scaling); None: as the full layers'
+    local_rope_theta: float | None = None
+    local_rope_scaling: RopeScaling = RopeScaling()
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
@@ -182,6 +185,7 @@ class ModelArch:
         vision = config.get("vision_config")
         max_positions = text.get("max_position_embeddings", 2048)
         head_dim = text.get("head_dim") or hidden // num_heads
+        rope, local_rope = rope_by_layer_type(text)
         if text.get("use_bidirectional_attention"):
             raise ValueError("use_bidirectional_attention (an embedding model's non-causal "
                              "attention) is not supported: pagedllm generates causally.")
@@ -196,25 +200,28 @@ class ModelArch:
             head_dim=head_dim,
             vocab_size=text["vocab_size"],
             max_position_embeddings=max_positions,
-            rope_theta=float(rope_theta(text)),
+            rope_theta=float(rope_theta(rope)),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=tie_word_embeddings(config),
             qkv_bias=bool(text.get("attention_bias", model_type.startswith("qwen2"))),
-            qk_norm=model_type.startswith("qwen3"),
+            qk_norm=model_type.startswith(("qwen3", "gemma3")),
             bos_token_id=config.get("bos_token_id", text.get("bos_token_id")),
             eos_token_ids=eos_ids,
             torch_dtype=config.get("torch_dtype") or config.get("dtype"),
-            rope_scaling=RopeScaling.from_hf_config(text, max_positions),
+            rope_scaling=RopeScaling.from_hf_config(rope, max_positions),
             mrope_section=mrope_section(text),
             image_token_id=config.get("image_token_id"),
             vision_start_token_id=config.get("vision_start_token_id"),
             vision=VisionArch.from_hf_config(vision, hidden) if vision else None,
-            sliding_windows=sliding_windows(text, model_type, max_positions),
+            sliding_windows=sliding_windows(text, model_type),
             rotary_dim=rotary_dim(text, head_dim),
             hidden_act=text.get("hidden_activation") or text.get("hidden_act") or "silu",
             query_pre_attn_scalar=_optional_float(text.get("query_pre_attn_scalar")),
             attn_logit_softcap=float(text.get("attn_logit_softcapping") or 0.0),
             final_logit_softcap=float(text.get("final_logit_softcapping") or 0.0),
+            local_rope_theta=float(rope_theta(local_rope)) if local_rope else None,
+            local_rope_scaling=(RopeScaling.from_hf_config(local_rope, max_positions)
+                                if local_rope else RopeScaling()),
         )
 
     @property
@@ -250,21 +257,20 @@ def tie_word_embeddings(config: dict[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", default)))
 
 
-def sliding_windows(config: dict[str, Any], model_type: str,
-                    max_positions: int) -> tuple[int, ...]:
+def sliding_windows(config: dict[str, Any], model_type: str) -> tuple[int, ...]:
     """Each layer's window as transformers applies it. Gemma 2/3 and Qwen list ``layer_types``
     (or follow their rule: Gemma 2 every other layer from the first, Gemma 3 all but every
     ``sliding_window_pattern``-th, Qwen from ``max_window_layers`` on if
     ``use_sliding_window``); Mistral and Phi-3 slide on every layer; other families (Llama)
-    have no window whatever the config says. A window of at least ``max_position_embeddings``
-    hides nothing, so it reads as 0."""
+    have no window whatever the config says. A window as long as the model's positions (Phi-4's
+    262144) is kept: it hides nothing, and which layers slide also picks Gemma 3's RoPE."""
     num_layers = config["num_hidden_layers"]
     window = config.get("sliding_window") or 0
     if model_type.startswith(_WINDOW_FLAG_FAMILIES) and not config.get("use_sliding_window"):
         window = 0
     if not model_type.startswith(_LAYER_TYPE_FAMILIES + _EVERY_LAYER_FAMILIES):
         window = 0
-    if not window or window >= max_positions:
+    if not window:
         return (0,) * num_layers
     types = config.get("layer_types") if model_type.startswith(_LAYER_TYPE_FAMILIES) else None
     if types is None:
@@ -303,6 +309,23 @@ def rope_theta(config: dict[str, Any]) -> float:
     if "rope_theta" in params:
         return params["rope_theta"]
     return config.get("rope_theta", 10000.0)
+
+
+def rope_by_layer_type(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the full-attention layers' RoPE config, the sliding layers' own or None), each a config
+    that ``rope_theta`` and ``RopeScaling.from_hf_config`` read. Gemma 3 gives its sliding layers
+    another base: transformers 5 nests ``rope_parameters`` by layer type, 4 writes
+    ``rope_local_base_freq`` beside the full layers' ``rope_theta`` / ``rope_scaling``."""
+    nested = config.get("rope_parameters") or {}
+    if "full_attention" in nested:
+        def view(layer_type: str) -> dict[str, Any]:
+            return {**config, "rope_scaling": None, "rope_parameters": nested.get(layer_type)}
+
+        local = view("sliding_attention") if nested.get("sliding_attention") else None
+        return view("full_attention"), local
+    if config.get("rope_local_base_freq") is not None:
+        return config, {"rope_theta": config["rope_local_base_freq"]}
+    return config, None
 
 
 def mrope_section(config: dict[str, Any]) -> tuple[int, ...] | None:

@@ -108,14 +108,18 @@ class DecoderModel(nn.Module):
         """Token embeddings [T, hidden]."""
         return self.embed_tokens(input_ids)
 
+    def rotary_tables(self, positions: torch.Tensor, dtype: torch.dtype,
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (cos, sin) of the step's positions: one table shared by all here."""
+        return [self.rotary(positions, dtype)] * len(self.layers)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """positions: [T], or [3, T] with M-RoPE; ``inputs_embeds`` [T, hidden] replace the
         token embeddings (a multimodal model has put image features in them)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        cos_sin = self.rotary(positions, x.dtype)
         residual = None
-        for layer in self.layers:
+        for layer, cos_sin in zip(self.layers, self.rotary_tables(positions, x.dtype)):
             x, residual = layer(x, cos_sin, residual)
         return self.norm(x, residual)[0]
 

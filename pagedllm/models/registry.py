@@ -11,6 +11,7 @@ from pagedllm.models.arch import ModelArch
 # architecture name -> (module, class); imported on first use
 _MODELS: dict[str, tuple[str, str]] = {
     "Gemma2ForCausalLM": ("pagedllm.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("pagedllm.models.gemma3", "Gemma3ForCausalLM"),
     "LlamaForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "MistralForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Phi3ForCausalLM": ("pagedllm.models.phi3", "Phi3ForCausalLM"),

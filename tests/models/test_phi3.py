@@ -73,7 +73,7 @@ def test_greedy_matches_transformers(variant: str,
 def test_arch_reads_phi4_mini() -> None:
     arch = ModelArch.from_hf_config(_model("phi-4-mini").config.to_dict())
     assert arch.rotary_dim == 12 and arch.rope_scaling.rope_type == "longrope"
-    assert arch.sliding_windows == (0,) * 4 and arch.tie_word_embeddings
+    assert arch.sliding_windows == (262144,) * 4 and arch.tie_word_embeddings
 
 
 def test_fused_tensor_of_the_wrong_size_is_a_clear_error(tmp_path_factory: pytest.TempPathFactory,
