@@ -70,7 +70,17 @@ class Tokenizer:
         return None if token_id is None else self.backend.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Raises ValueError for text that is not valid Unicode (a lone surrogate, which JSON's
+        ``\\ud800`` escapes can carry): a client's mistake, not a server failure."""
+        try:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"The text is not valid Unicode: {e.object[e.start]!r} at "
+                                 f"position {e.start} is a lone surrogate.") from None
+            raise
         if add_special_tokens and self._prepend_bos:
             ids = [self.bos_token_id, *ids]
         return ids

@@ -265,16 +265,17 @@ class AsyncLLM:
     def _run(self) -> None:
         if self._log is not None:
             self._log.start_interval()
-        error: BaseException = EngineDeadError("The engine stopped.")
         try:
             self._serve()
         except EngineDeadError as e:
             logger.error("%s", e)
-            error = e
+            self._die(e, unexpected=True)
         except BaseException as e:
             logger.exception("The front-end loop died")
-            error = EngineDeadError(f"The front end failed: {type(e).__name__}: {e}")
-        self._die(error)
+            self._die(EngineDeadError(f"The front end failed: {type(e).__name__}: {e}"),
+                      unexpected=True)
+        else:
+            self._die(EngineDeadError("The engine stopped."), unexpected=False)
 
     def _serve(self) -> None:
         client = self.client
@@ -394,7 +395,7 @@ class AsyncLLM:
             except Exception:
                 logger.exception("Stat logger %r failed", stat_logger)
 
-    def _die(self, error: BaseException) -> None:
+    def _die(self, error: BaseException, unexpected: bool) -> None:
         with self._lock:
             self._dead = error
         streams = {id(s): s for s in self._routes.values()}
@@ -412,7 +413,7 @@ class AsyncLLM:
                 _resolve(command.stream.accepted, error=error)
             elif isinstance(command, _Utility):
                 command.on_result(UtilityResult(0, error=str(error)))
-        if not self.client.alive or isinstance(error, EngineDeadError):
+        if unexpected:
             for callback in self._dead_callbacks:
                 try:
                     callback()

@@ -67,6 +67,41 @@ class Server:
                                   timeout=300)
 
 
+def engine_core_pids(parent_pid: int) -> list[int]:
+    """Engine core processes started by ``parent_pid`` (alive, or dead but not reaped), found
+    by their command line, so that reparented ones are found too."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"pagedllm.engine.core_proc" in argv and str(parent_pid).encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The processes of ``pids`` still running after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,6 +146,7 @@ def launch_server(*args: str) -> Iterator[Server]:
         print(f"\npagedllm serve: first request answered {startup:.1f} s after process start")
         yield Server(url, process, log.name, startup)
     finally:
+        cores = engine_core_pids(process.pid)
         process.terminate()
         try:
             process.wait(30)
@@ -119,6 +155,7 @@ def launch_server(*args: str) -> Iterator[Server]:
             process.wait()
         log.close()
         os.unlink(log.name)
+        assert not wait_gone(cores, 5.0), "the engine core outlived its server"
 
 
 @pytest.fixture(scope="session")
