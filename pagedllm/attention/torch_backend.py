@@ -54,7 +54,7 @@ def _causal_mask(query_len: int, seq_len: int, device: torch.device, window: int
     return visible
 
 
-def first_visible(query_len: int, seq_len: int, window: int) -> int:
+def _first_visible(query_len: int, seq_len: int, window: int) -> int:
     """The first position any of a chunk's queries sees (its first query's window start)."""
     return max(0, seq_len - query_len - window + 1) if window else 0
 
@@ -156,7 +156,7 @@ class _Chunk:
         attention): blocks wholly left of the first query's window are not read."""
         if window not in self.masks:
             query_len = self.end - self.start
-            first = first_visible(query_len, self.seq_len, window) // self.block_size
+            first = _first_visible(query_len, self.seq_len, window) // self.block_size
             plain = query_len == self.seq_len and (not window or window >= self.seq_len)
             mask = None if plain else _causal_mask(
                 query_len, self.seq_len, self.blocks.device, window, first * self.block_size)

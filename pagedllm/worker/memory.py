@@ -71,6 +71,8 @@ def parameter_breakdown(arch: ModelArch) -> ParameterCount:
     h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
     linear = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o; gate, up, down
     other = 2 * h  # input and post-attention RMSNorm
+    if arch.model_type.startswith("gemma"):
+        other += 2 * h  # Gemma's pre- and post-feedforward RMSNorm
     if arch.qkv_bias:
         other += q + 2 * kv
         # Llama/Qwen3's attention_bias covers o_proj too; Qwen2(-VL) biases only q, k and v.

@@ -15,6 +15,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.models.arch import ModelArch
+from pagedllm.worker.memory import count_parameters
 from tests.models.conftest import (
     CHUNKED,
     MAX_TOKENS,
@@ -125,3 +126,9 @@ def test_published_config_without_layer_types_or_tie_key() -> None:
     config = {**CONFIG, "model_type": "gemma2", "num_hidden_layers": 6, "rope_theta": 10000.0}
     arch = ModelArch.from_hf_config(config)
     assert arch.sliding_windows == (WINDOW, 0) * 3 and arch.tie_word_embeddings
+
+
+def test_planner_counts_transformers_parameters() -> None:
+    model = _model()
+    arch = ModelArch.from_hf_config(model.config.to_dict())
+    assert count_parameters(arch) == sum(p.numel() for p in model.parameters())

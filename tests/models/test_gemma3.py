@@ -12,6 +12,7 @@ import torch
 
 from pagedllm import LLM
 from pagedllm.models.arch import ModelArch, RopeScaling
+from pagedllm.worker.memory import count_parameters
 from tests.models.conftest import (
     CHUNKED,
     hf_greedy,
@@ -94,3 +95,9 @@ def test_both_config_spellings_read_alike(config: dict[str, Any]) -> None:
     assert (arch.rope_theta, arch.local_rope_theta) == (1e6, 1e4)
     assert arch.rope_scaling == RopeScaling(rope_type="linear", factor=8.0)
     assert arch.local_rope_scaling == RopeScaling() and arch.tie_word_embeddings
+
+
+def test_planner_counts_transformers_parameters() -> None:
+    model = _model()
+    arch = ModelArch.from_hf_config(model.config.to_dict())
+    assert count_parameters(arch) == sum(p.numel() for p in model.parameters())

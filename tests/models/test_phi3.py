@@ -16,6 +16,7 @@ import pytest
 
 from pagedllm import LLM
 from pagedllm.models.arch import ModelArch
+from pagedllm.worker.memory import count_parameters
 from tests.models.conftest import (
     CHUNKED,
     hf_greedy,
@@ -95,3 +96,10 @@ def test_odd_rotary_part_is_refused() -> None:
     with pytest.raises(ValueError, match="partial_rotary_factor=0.2 gives 3 rotary dims"):
         ModelArch.from_hf_config({**SHAPE, "head_dim": HEAD_DIM, "partial_rotary_factor": 0.2,
                                   "model_type": "phi3"})
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_planner_counts_transformers_parameters(variant: str) -> None:
+    model = _model(variant)
+    arch = ModelArch.from_hf_config(model.config.to_dict())
+    assert count_parameters(arch) == sum(p.numel() for p in model.parameters())
