@@ -171,8 +171,8 @@ def batch1_row(config: str, bw: float, target: str) -> Row:
         engine.step()
         times.append(time.perf_counter() - start)
     step_ms = 1000 * float(np.median(times))
-    weights = memory.loaded_weight_bytes(engine.runner.model)
-    kv = memory.kv_bytes_per_token(engine.runner.arch, torch.bfloat16) * (128 + n / 2)
+    weights = memory.loaded_weight_bytes(engine.core.runner.model)
+    kv = memory.kv_bytes_per_token(engine.core.runner.arch, torch.bfloat16) * (128 + n / 2)
     roof_ms = 1000 * (weights + kv) / bw
     del engine
     release(llm)
@@ -192,8 +192,8 @@ def profile_decode(config: str, batch: int, prompt_len: int, steps: int = 20) ->
     for i in range(batch):
         engine.add_request(f"p{i}", [rng.randrange(100, 10000) for _ in range(prompt_len)],
                            params)
-    while engine.scheduler.waiting or any(
-            r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+    while engine.core.scheduler.waiting or any(
+            r.num_computed_tokens < r.num_prompt_tokens for r in engine.core.scheduler.running):
         engine.step()
     for _ in range(5):
         engine.step()
@@ -202,9 +202,9 @@ def profile_decode(config: str, batch: int, prompt_len: int, steps: int = 20) ->
     for _ in range(steps):
         engine.step()
     ms = 1000 * (time.perf_counter() - start) / steps
-    context = sum(r.num_tokens for r in engine.scheduler.running)
-    floor = (context * memory.kv_bytes_per_token(engine.runner.arch, torch.bfloat16)
-             + memory.loaded_weight_bytes(engine.runner.model)) / copy_bandwidth()
+    context = sum(r.num_tokens for r in engine.core.scheduler.running)
+    floor = (context * memory.kv_bytes_per_token(engine.core.runner.arch, torch.bfloat16)
+             + memory.loaded_weight_bytes(engine.core.runner.model)) / copy_bandwidth()
     print(f"\n== {config} decode batch {batch}, context ~{prompt_len}: {ms:.2f} ms/step "
           f"(roofline {1000 * floor:.2f} ms: weights + {context} tokens of KV) ==")
     profiler = cProfile.Profile()
