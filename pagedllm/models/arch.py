@@ -5,6 +5,7 @@ fields, never the raw dict, so transformers 4 and 5 config spellings are handled
 Vision-language models (Qwen2-VL) add a ``VisionArch`` for the image encoder and M-RoPE;
 RoPE scaling (Llama 3.x, YaRN, ...) is a ``RopeScaling``. Per-layer attention (sliding windows,
 Gemma's soft-caps and score scale) is read as transformers reads it, family defaults included.
+Mixture-of-experts decoders (Mixtral, Qwen3-MoE) add a ``MoeArch`` for their routed experts.
 """
 
 from __future__ import annotations
@@ -134,6 +135,45 @@ class VisionArch:
 
 
 @dataclass(frozen=True)
+class MoeArch:
+    """The routed experts of a sparse decoder, read as transformers' Mixtral and Qwen3-MoE read
+    them: softmax over the router logits in float32, then the top ``top_k`` experts."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # each expert's (the dense layers keep ModelArch.intermediate_size)
+    # top-k weights divided by their sum: always in Mixtral, ``norm_topk_prob`` in Qwen3-MoE
+    renormalize: bool
+    # Qwen3-MoE rounds the top-k weights to the model dtype before they scale the experts'
+    # outputs; Mixtral multiplies in float32 and rounds the product
+    round_weights: bool
+    # which layers are sparse; the others run the dense MLP (Qwen3-MoE's mlp_only_layers)
+    sparse_layers: tuple[bool, ...]
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], model_type: str) -> MoeArch | None:
+        """None for a dense config. Qwen3-MoE writes ``num_experts`` (transformers 5 saves it as
+        ``num_local_experts``, Mixtral's name); a layer is sparse unless listed in
+        ``mlp_only_layers`` or skipped by ``decoder_sparse_step``."""
+        num_experts = config.get("num_local_experts") or config.get("num_experts") or 0
+        if not num_experts:
+            return None
+        mixtral = model_type.startswith("mixtral")
+        dense = set(config.get("mlp_only_layers") or ())
+        step = config.get("decoder_sparse_step") or 1
+        return cls(
+            num_experts=num_experts,
+            top_k=config["num_experts_per_tok"],
+            intermediate_size=(config.get("moe_intermediate_size")
+                               or config["intermediate_size"]),
+            renormalize=mixtral or bool(config.get("norm_topk_prob", False)),
+            round_weights=not mixtral,
+            sparse_layers=tuple(i not in dense and (i + 1) % step == 0
+                                for i in range(config["num_hidden_layers"])),
+        )
+
+
+@dataclass(frozen=True)
 class ModelArch:
     architecture: str
     model_type: str
@@ -170,6 +210,7 @@ class ModelArch:
     # Gemma 3: the sliding layers' RoPE (its own base, no scaling); None: as the full layers'
     local_rope_theta: float | None = None
     local_rope_scaling: RopeScaling = RopeScaling()
+    moe: MoeArch | None = None  # routed experts (Mixtral, Qwen3-MoE); None: dense MLPs
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArch:
@@ -222,6 +263,7 @@ class ModelArch:
             local_rope_theta=float(rope_theta(local_rope)) if local_rope else None,
             local_rope_scaling=(RopeScaling.from_hf_config(local_rope, max_positions)
                                 if local_rope else RopeScaling()),
+            moe=MoeArch.from_hf_config(text, model_type),
         )
 
     @property
@@ -239,6 +281,10 @@ class ModelArch:
     def sliding_window(self, layer_idx: int) -> int:
         """The window of layer ``layer_idx``'s attention; 0 = full attention."""
         return self.sliding_windows[layer_idx] if self.sliding_windows else 0
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s MLP is routed experts rather than one dense MLP."""
+        return self.moe is not None and self.moe.sparse_layers[layer_idx]
 
 
 # Families whose checkpoints tie the output projection to the embeddings unless told otherwise
