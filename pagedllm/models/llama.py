@@ -68,7 +68,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = DecoderAttention(arch, layer_idx)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = DecoderMLP(arch)
+        self.mlp = self.make_mlp(arch, layer_idx)
+
+    def make_mlp(self, arch: ModelArch, layer_idx: int) -> nn.Module:
+        """The layer's MLP: [T, hidden] -> [T, hidden] (a sparse decoder routes to experts)."""
+        return DecoderMLP(arch)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +157,13 @@ class DecoderForCausalLM(nn.Module):
         """[N, hidden] -> [N, vocab] in float32."""
         return self.lm_head(hidden).float()
 
+    def checkpoint_params(self) -> dict[str, nn.Parameter]:
+        """The parameters ``load_weights`` fills by name (a subclass that loads some of its own,
+        as the MoE experts, leaves those out)."""
+        return dict(self.named_parameters(remove_duplicate=False))
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters(remove_duplicate=False))
+        params = self.checkpoint_params()
         loaded: set[tuple[str, int]] = set()  # (parameter, piece of a merged matrix)
         for name, tensor in weights:
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:

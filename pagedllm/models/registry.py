@@ -14,9 +14,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("pagedllm.models.gemma3", "Gemma3ForCausalLM"),
     "LlamaForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "MistralForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
+    "MixtralForCausalLM": ("pagedllm.models.moe", "MoeForCausalLM"),
     "Phi3ForCausalLM": ("pagedllm.models.phi3", "Phi3ForCausalLM"),
     "Qwen2ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
     "Qwen3ForCausalLM": ("pagedllm.models.llama", "DecoderForCausalLM"),
+    "Qwen3MoeForCausalLM": ("pagedllm.models.moe", "MoeForCausalLM"),
     "Qwen2VLForConditionalGeneration": ("pagedllm.models.qwen2_vl",
                                         "Qwen2VLForConditionalGeneration"),
 }
