@@ -57,8 +57,8 @@ class ParameterCount:
     quantization shrinks; embeddings, lm_head, norms and biases usually stay in 16 bits."""
 
     embedding: int
-    linear: int
-    other: int  # norms and biases
+    linear: int  # every expert's matrices included, not only the top-k a token runs
+    other: int  # norms, biases and MoE routers (which quantizers keep in 16 bits too)
     lm_head: int  # 0 when tied to the embedding
 
     @property
@@ -68,8 +68,8 @@ class ParameterCount:
 
 def parameter_breakdown(arch: ModelArch) -> ParameterCount:
     """The decoder's parameters, counted as the HF ``*ForCausalLM`` modules hold them."""
-    h, q, kv, inter = arch.hidden_size, arch.q_size, arch.kv_size, arch.intermediate_size
-    linear = h * q + 2 * h * kv + q * h + 3 * h * inter  # q, k, v, o; gate, up, down
+    h, q, kv = arch.hidden_size, arch.q_size, arch.kv_size
+    linear = arch.num_layers * (h * q + 2 * h * kv + q * h)  # q, k, v, o
     other = 2 * h  # input and post-attention RMSNorm
     if arch.model_type.startswith("gemma"):
         other += 2 * h  # Gemma's pre- and post-feedforward RMSNorm
@@ -81,10 +81,23 @@ def parameter_breakdown(arch: ModelArch) -> ParameterCount:
     if arch.qk_norm:
         other += 2 * arch.head_dim
     embedding = arch.vocab_size * h
+    mlp_linear, mlp_other = _mlp_parameters(arch)
     return ParameterCount(
-        embedding=embedding, linear=arch.num_layers * linear,
-        other=arch.num_layers * other + h,  # + final norm
+        embedding=embedding, linear=linear + mlp_linear,
+        other=arch.num_layers * other + mlp_other + h,  # + final norm
         lm_head=0 if arch.tie_word_embeddings else embedding)
+
+
+def _mlp_parameters(arch: ModelArch) -> tuple[int, int]:
+    """(matrices, routers) of all layers' MLPs: gate, up and down of the dense MLP, or of each
+    of a sparse layer's experts plus its router [num_experts, hidden]."""
+    h, dense = arch.hidden_size, 3 * arch.hidden_size * arch.intermediate_size
+    num_sparse = sum(arch.is_sparse(i) for i in range(arch.num_layers))
+    if arch.moe is None or not num_sparse:
+        return arch.num_layers * dense, 0
+    experts = arch.moe.num_experts * 3 * h * arch.moe.intermediate_size
+    return ((arch.num_layers - num_sparse) * dense + num_sparse * experts,
+            num_sparse * arch.moe.num_experts * h)
 
 
 def count_parameters(arch: ModelArch) -> int:
