@@ -11,6 +11,7 @@ any single request (then it says why before it goes).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -120,6 +121,8 @@ def run_engine_core(engine_kwargs: dict[str, Any], input_address: str, output_ad
             return 1
         if on_ready is not None:
             on_ready(core)
+        else:  # its own process: what start-up made lives as long as the core
+            freeze_gc_heap()
         output_socket.send_multipart(encoder.encode(Kind.READY, core.info))
         proc = EngineCoreProc(core, input_socket, output_socket, parent_pid)
         try:
@@ -135,6 +138,14 @@ def run_engine_core(engine_kwargs: dict[str, Any], input_address: str, output_ad
         output_socket.close(linger=2000)
         if own_ctx:
             ctx.term()
+
+
+def freeze_gc_heap() -> None:
+    """Moves every object alive now (the model's modules, the tokenizer, imported code) out of
+    the garbage collector's sight: full collections then walk only what serving creates, and
+    stop costing tens of milliseconds in the middle of a step."""
+    gc.collect()
+    gc.freeze()
 
 
 def _describe(error: BaseException) -> str:

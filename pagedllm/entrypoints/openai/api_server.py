@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pagedllm import __version__
 from pagedllm.config import add_engine_args, engine_kwargs_from_args
 from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError
+from pagedllm.engine.core_proc import freeze_gc_heap
 from pagedllm.entrypoints.openai.auth import APIKeyMiddleware
 from pagedllm.entrypoints.openai.errors import error_response, install_error_handlers, to_api_error
 from pagedllm.entrypoints.openai.protocol import (
@@ -211,6 +212,7 @@ def main(args: argparse.Namespace) -> int:
                             log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log)
     server = _Server(config, app, engine, args.shutdown_timeout)
+    freeze_gc_heap()
     try:
         server.run()
     finally:
