@@ -11,6 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from pagedllm.tokenizer import Tokenizer
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], takes_images: bool,
+                add_generation_prompt: bool = True) -> tuple[str, list[int], list[Any]]:
+    """A conversation through the chat template: (text, its token ids, image sources in order),
+    for the offline ``LLM.chat`` and the server alike. Raises ValueError on what it cannot take."""
+    rendered, images = parse_chat_messages(messages, takes_images)
+    try:
+        text = tokenizer.apply_chat_template(rendered,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template's raise_exception(), a missing template
+        raise ValueError(f"The chat template could not render the messages: {e}") from None
+    # The template writes the special tokens (BOS included) itself.
+    return text, tokenizer.encode(text, add_special_tokens=False), images
+
 
 def parse_chat_messages(messages: list[dict[str, Any]], takes_images: bool
                         ) -> tuple[list[dict[str, Any]], list[Any]]:

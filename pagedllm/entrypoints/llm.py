@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pagedllm.engine.inputs import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
-from pagedllm.entrypoints.chat_utils import parse_chat_messages
+from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -61,13 +61,11 @@ class LLM:
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
         """Generates replies to one conversation or a batch of them (OpenAI-style messages)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.engine.tokenizer
         prompts: list[PromptType] = []
         for conversation in conversations:
-            rendered, images = parse_chat_messages(
-                conversation, self.engine.input_processor.supports_images)
-            text = tok.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt)
-            token_ids = tok.encode(text, add_special_tokens=False)  # the template wrote them
+            _, token_ids, images = render_chat(
+                self.engine.tokenizer, conversation, self.engine.input_processor.supports_images,
+                add_generation_prompt)
             prompts.append({"prompt_token_ids": token_ids,
                             "multi_modal_data": {"image": images}} if images else token_ids)
         return self.generate(prompts, sampling_params, use_tqdm)

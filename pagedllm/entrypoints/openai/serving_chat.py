@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from pagedllm.engine.async_llm import OutputStream
 from pagedllm.engine.inputs import ProcessedPrompt
-from pagedllm.entrypoints.chat_utils import parse_chat_messages
+from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import ChatLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -53,19 +53,11 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError("messages must not be empty.", param="messages")
         processor = self.engine.frontend.input_processor
         try:
-            messages, images = parse_chat_messages(
-                [m.model_dump(exclude_none=True) for m in request.messages],
-                processor.supports_images)
+            text, token_ids, images = render_chat(
+                self.tokenizer, [m.model_dump(exclude_none=True) for m in request.messages],
+                processor.supports_images, request.add_generation_prompt)
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=request.add_generation_prompt)
-        except Exception as e:  # a template's raise_exception(), a missing template
-            raise APIError(f"The chat template could not render the messages: {e}",
-                           param="messages") from None
-        # The template writes the special tokens (BOS included) itself.
-        token_ids = list(self.tokenizer.encode(text, add_special_tokens=False))
         if not images:
             return ProcessedPrompt(token_ids, text)
         try:  # decoding and resizing images is CPU work: off the event loop
