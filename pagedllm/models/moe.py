@@ -69,44 +69,51 @@ class MoeForCausalLM(DecoderForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Experts load here, piece by piece into their grouped tensors; the rest (attention,
         norms, routers, dense MLPs) by the Llama loader."""
-        loaded: set[tuple[str, int, int]] = set()  # (parameter, shard id, expert)
-        super().load_weights(self._load_experts(weights, loaded))
         assert self.arch.moe is not None
         experts = range(self.arch.moe.num_experts)
-        expected = {(name, shard, e) for name in self.state_dict() if ".experts." in name
+        loaded: set[tuple[str, int, int]] = set()  # (parameter, shard id, expert)
+        super().load_weights(self._load_experts(weights, experts, loaded))
+        expected = {(name, shard, e) for name, _ in self.named_parameters() if ".experts." in name
                     for shard in range(2 if name.endswith(".w13") else 1) for e in experts}
         missing = sorted({n for n, _, _ in expected - loaded})
         if missing:
             raise ValueError(f"checkpoint is missing expert weights of: {missing[:8]}")
 
-    def _load_experts(self, weights: Iterable[tuple[str, torch.Tensor]],
+    def _load_experts(self, weights: Iterable[tuple[str, torch.Tensor]], experts: range,
                       loaded: set[tuple[str, int, int]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Loads the expert tensors of ``weights`` (recording each (parameter, shard, expert)
         in ``loaded``) and yields the others, Mixtral's names mapped to ``.mlp.``."""
         params = dict(self.named_parameters())
-        all_experts = range(self.arch.moe.num_experts if self.arch.moe else 0)
         for name, tensor in weights:
             name = name.replace(".block_sparse_moe.", ".mlp.")
-            if match := _PER_EXPERT.fullmatch(name):
-                prefix, expert, piece = match.groups()
-                param_name, shard = _PIECES[piece]
-                pieces = [(shard, int(expert), tensor)]
-            elif match := _GROUPED.fullmatch(name):
-                prefix, piece = match.groups()
-                param_name = "w13" if piece == "gate_up_proj" else "w2"
-                # [E, 2I, H]: every expert's gate rows then its up rows; [E, H, I] down
-                parts = tensor.chunk(2, dim=1) if param_name == "w13" else (tensor,)
-                pieces = [(shard, None, part) for shard, part in enumerate(parts)]
-            else:
+            split = _expert_pieces(name, tensor)
+            if split is None:
                 yield name, tensor
                 continue
-            full_name = f"{prefix}.{param_name}"
-            if full_name not in params:
+            param_name, pieces = split
+            if param_name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no parameter in "
                                  f"{type(self).__name__}")
-            param = params[full_name]
+            param = params[param_name]
             with torch.no_grad():
-                for shard, expert_id, part in pieces:
-                    param.weight_loader(param, part, shard, expert_id)  # type: ignore[attr-defined]
-                    loaded.update((full_name, shard, e) for e in (
-                        all_experts if expert_id is None else (expert_id,)))
+                for shard, expert, piece in pieces:
+                    param.weight_loader(param, piece, shard, expert)  # type: ignore[attr-defined]
+                    loaded.update((param_name, shard, e)
+                                  for e in (experts if expert is None else (expert,)))
+
+
+def _expert_pieces(name: str, tensor: torch.Tensor,
+                   ) -> tuple[str, list[tuple[int, int | None, torch.Tensor]]] | None:
+    """An expert checkpoint tensor as (our grouped parameter's name, [(shard id, expert or None
+    for all, tensor)]); None for any other tensor."""
+    if match := _PER_EXPERT.fullmatch(name):
+        prefix, expert, hf_piece = match.groups()
+        param, shard = _PIECES[hf_piece]
+        return f"{prefix}.{param}", [(shard, int(expert), tensor)]
+    if match := _GROUPED.fullmatch(name):
+        prefix, hf_piece = match.groups()
+        if hf_piece == "down_proj":  # [E, H, I]
+            return f"{prefix}.w2", [(0, None, tensor)]
+        gate, up = tensor.chunk(2, dim=1)  # [E, 2I, H]: each expert's gate rows, then up rows
+        return f"{prefix}.w13", [(0, None, gate), (1, None, up)]
+    return None

@@ -121,10 +121,9 @@ def test_greedy_matches_transformers_in_chunks_of_16(checkpoint: Checkpoint) -> 
 def test_routing_changes_transformers_tokens(family: str, change: dict[str, Any]) -> None:
     """The same weights routed otherwise give other tokens: the tests above see routing."""
     prompts = random_prompts(PROMPT_LENGTHS, VOCAB)
-    routed = _model(family, **change)
-    routed.load_state_dict(_model(family).state_dict())
-    assert [hf_greedy(routed, p) for p in prompts] != [hf_greedy(_model(family), p)
-                                                       for p in prompts]
+    model, routed = _model(family), _model(family, **change)
+    routed.load_state_dict(model.state_dict())
+    assert [hf_greedy(routed, p) for p in prompts] != [hf_greedy(model, p) for p in prompts]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
