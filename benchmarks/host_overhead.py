@@ -95,7 +95,7 @@ def build_engine(folder: str, batch: int, table: torch.Tensor) -> LLMEngine:
     engine = LLMEngine.from_engine_args(
         model=folder, load_format="dummy", device="cpu", max_num_seqs=max(batch, 1),
         max_model_len=4096, kv_cache_memory_bytes=1 << 28)
-    runner = engine.runner
+    runner = engine.core.runner
     runner.forward = lambda ids, *_: torch.zeros(ids.shape[0], 1)
     runner.model.compute_logits = lambda h: torch.randn(h.shape[0], FAKE_VOCAB)
     runner.sampler = MappedSampler(table)
@@ -115,7 +115,7 @@ def timed(times: dict[str, float], name: str, fn: Callable[..., Any]) -> Callabl
 def instrument(engine: LLMEngine) -> dict[str, float]:
     """Wraps the stages' methods on the instances; returns the per-step accumulator."""
     times: dict[str, float] = defaultdict(float)
-    sched, runner = engine.scheduler, engine.runner
+    sched, runner = engine.core.scheduler, engine.core.runner
     sched.schedule = timed(times, "schedule", sched.schedule)
     sched.update_from_output = timed(times, "update", sched.update_from_output)
     runner.launch = timed(times, "execute", runner.launch)
@@ -132,8 +132,8 @@ def start_decodes(engine: LLMEngine, batch: int, params: SamplingParams, seed: i
     for i in range(batch):
         prompt = [rng.randrange(1000, vocab) for _ in range(rng.randint(100, 1024))]
         engine.add_request(f"r{i}", prompt, params)
-    while engine.scheduler.waiting or any(
-            r.num_output_tokens == 0 for r in engine.scheduler.running):
+    while engine.core.scheduler.waiting or any(
+            r.num_output_tokens == 0 for r in engine.core.scheduler.running):
         engine.step()
     for _ in range(5):  # warm-up
         engine.step()
@@ -165,7 +165,7 @@ def run(folder: str, table: torch.Tensor, batch: int, args: argparse.Namespace) 
     start_decodes(engine, batch, params, seed=batch)
     times = instrument(engine)
     repeats = [measure(engine, times, args.steps) for _ in range(args.repeats)]
-    assert len(engine.scheduler.running) == batch, "a request finished during the measurement"
+    assert len(engine.core.scheduler.running) == batch, "a request finished during the measurement"
     if args.profile and batch == max(args.batch):
         profile(engine)
     row = {name: min(r[name] for r in repeats) for name in STAGES[:-2]}
@@ -178,7 +178,7 @@ def finish_all(engine: LLMEngine, step_ms: float) -> float:
     """Ends every request at the next step (its length limit); returns that step's extra time
     (final outputs, freeing, any work deferred to the end) spread over the steps the requests
     ran, in ms per step."""
-    running = list(engine.scheduler.running)
+    running = list(engine.core.scheduler.running)
     for req in running:
         req.sampling_params.max_tokens = req.num_output_tokens + 1
     gc.collect()  # a collection inside this one timed step would swamp it
@@ -195,7 +195,7 @@ def profile(engine: LLMEngine, steps: int = 20) -> None:
     for _ in range(steps):
         engine.step()
     profiler.disable()
-    print(f"\ncProfile of {steps} steps at batch {len(engine.scheduler.running)}:")
+    print(f"\ncProfile of {steps} steps at batch {len(engine.core.scheduler.running)}:")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 

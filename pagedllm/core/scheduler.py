@@ -15,21 +15,50 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedllm.multimodal.inputs import ImageFeature, MRopePositions
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ScheduledRequest:
-    """One request's share of a step, fixed at schedule time. ``request.num_computed_tokens``
-    already counts this step (with async scheduling maybe the next one too): the runner reads
-    ``num_computed_tokens`` here, never the request's."""
+class NewRequestData:
+    """What the runner keeps of a request, sent the step it is admitted (new, or resumed after a
+    preemption). The runner appends the tokens it samples to ``output_token_ids`` (a copy)."""
 
-    request: Request
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    output_token_ids: list[int]
+    images: tuple[ImageFeature, ...] = ()
+    mrope: MRopePositions | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @classmethod
+    def of(cls, req: Request) -> NewRequestData:
+        return cls(req.request_id, req.prompt_token_ids, req.sampling_params,
+                   list(req.output_token_ids), req.images, req.mrope)
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step, as values fixed at schedule time (not frozen: a frozen
+    dataclass costs a microsecond more per request per step)."""
+
+    request_id: str
+    # The step's tokens known on the host. One fewer than num_new_tokens: the last one is still
+    # being sampled by the step in flight (async scheduling), and is taken on the device.
+    token_ids: list[int]
     num_new_tokens: int  # tokens computed this step, from num_computed_tokens below
     block_ids: list[int]  # the KV cache manager's live list (see live_block_ids): read only
     num_computed_tokens: int  # the request's computed tokens before this step
@@ -38,9 +67,11 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    """One step's decision: which requests, how many tokens each, in which blocks."""
+    """One step's decision: which requests, how many tokens each, in which blocks; the
+    requests the runner has not seen yet. Values only: no live ``Request`` crosses."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
     num_new_prompts: int = 0
     num_prompt_chunks: int = 0
     num_decodes: int = 0
@@ -67,11 +98,14 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # By id: the unfinished, and finished ones with a token still in flight.
+        self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
     def add_request(self, request: Request) -> None:
         check_prompt_fits(request.num_prompt_tokens, self.config.max_model_len)
         self.waiting.append(request)
+        self.requests[request.request_id] = request
 
     @property
     def num_unfinished(self) -> int:
@@ -151,8 +185,10 @@ class Scheduler:
         start = req.num_computed_tokens
         samples = start + n == req.num_tokens + req.num_pending
         out.scheduled.append(ScheduledRequest(
-            req, n, self.kv_cache.live_block_ids(req.request_id), start, samples))
+            req.request_id, req.token_ids(start, min(start + n, req.num_tokens)), n,
+            self.kv_cache.live_block_ids(req.request_id), start, samples))
         if new:
+            out.new_requests.append(NewRequestData.of(req))
             out.num_new_prompts += 1
         elif start < req.num_prompt_tokens:
             out.num_prompt_chunks += 1
@@ -172,23 +208,22 @@ class Scheduler:
         self.waiting.appendleft(req)
         logger.debug("preempted %s (recompute)", req.request_id)
 
-    def update_from_output(self, out: SchedulerOutput,
-                           sampled: dict[str, int]) -> list[Request]:
-        """Appends the step's sampled tokens and applies token-level stop rules. A request that
-        ended meanwhile (aborted, or stopped by the step before with async scheduling) drops
-        its token.
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> list[Request]:
+        """Appends the step's sampled tokens (one per scheduled request that samples, in order)
+        and applies token-level stop rules. A request that ended meanwhile (aborted, or stopped
+        by the step before with async scheduling) drops its token.
 
         Returns the requests that got a new token this step (finished ones included).
         """
         progressed = []
-        for s in out.scheduled:
-            if not s.samples:
-                continue
-            req = s.request
+        rows = (s for s in out.scheduled if s.samples)
+        for s, token in zip(rows, sampled):
+            req = self.requests[s.request_id]
             req.num_pending -= 1
             if req.is_finished:
+                if not req.num_pending:
+                    del self.requests[req.request_id]
                 continue
-            token = sampled[req.request_id]
             req.output_token_ids.append(token)
             status = self._check_stop(req, token)
             if status is not None:
@@ -214,6 +249,8 @@ class Scheduler:
         if req.is_finished:
             return
         req.status = status
+        if not req.num_pending:  # else it goes once its token in flight is back
+            self.requests.pop(req.request_id, None)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

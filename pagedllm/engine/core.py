@@ -12,6 +12,7 @@ alone, and only those that fail alone end, with ``FinishReason.ERROR``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.core.scheduler import Scheduler, SchedulerOutput
+from pagedllm.core.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from pagedllm.engine.messages import (
     EngineCoreInfo,
     EngineCoreOutput,
@@ -127,7 +128,7 @@ class EngineCore:
             outputs += self._finish_in_flight()
             return self._message(outputs, first)
         for s in sched.scheduled:
-            req = s.request
+            req = self.requests[s.request_id]
             prompt_left = req.num_prompt_tokens - s.num_computed_tokens
             if prompt_left > 0:  # a prompt chunk (a request's first step is always one)
                 self._prompt_tokens += min(prompt_left, s.num_new_tokens)
@@ -165,23 +166,23 @@ class EngineCore:
         except Exception as e:  # the device failed after launch: the step's requests end
             logger.exception("A step failed on the device; ending its %d requests",
                              len(sched.scheduled))
-            return [self._fail(s.request, e) for s in sched.scheduled
-                    if s.request.request_id in self.requests]
+            return [self._fail(s, e) for s in sched.scheduled if s.request_id in self.requests]
         return self._apply(sched, result)
 
     def _apply(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        progressed = self.scheduler.update_from_output(sched, result.sampled)
+        progressed = self.scheduler.update_from_output(sched, result.sampled_token_ids)
         self._generation_tokens += len(progressed)
         outputs: dict[str, EngineCoreOutput] = {}
-        for rid, entries in result.prompt_logprobs.items():
+        for rid, entries in result.prompt_logprobs:
             if rid in self.requests:
                 outputs[rid] = EngineCoreOutput(rid, new_prompt_logprobs=entries)
+        logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
         for req in progressed:
             rid = req.request_id
             out = outputs.get(rid) or EngineCoreOutput(rid)
             outputs[rid] = out
             out.new_token_ids = [req.output_token_ids[-1]]
-            entry = result.logprobs.get(rid)
+            entry = logprobs.get(rid)
             if entry is not None:
                 out.new_logprobs = [entry]
             if req.is_finished:
@@ -193,24 +194,33 @@ class EngineCore:
     def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
         """Launching ``sched`` raised: runs each of its requests in a step of its own, so that
         only a request that fails alone ends (with the error it raised)."""
+        live = [s for s in sched.scheduled if s.request_id in self.requests]
         if len(sched.scheduled) == 1:
-            logger.exception("A step of one request failed", exc_info=error)
-            return [self._fail(sched.scheduled[0].request, error)]
+            logger.error("A step of one request failed", exc_info=error)
+            return [self._fail(s, error) for s in live]
         logger.warning("A step of %d requests failed (%s: %s); running each alone",
                        len(sched.scheduled), type(error).__name__, error)
         outputs: list[EngineCoreOutput] = []
-        for s in sched.scheduled:
-            alone = SchedulerOutput(scheduled=[s])
+        for s in live:
+            # The token the step before was sampling for it is known now (applied above).
+            req, start = self.requests[s.request_id], s.num_computed_tokens
+            s = dataclasses.replace(s, token_ids=req.token_ids(
+                start, min(start + s.num_new_tokens, req.num_tokens)))
+            new = [d for d in sched.new_requests if d.request_id == s.request_id]
+            alone = SchedulerOutput(scheduled=[s], new_requests=new)
             try:
                 result = self.runner.launch(alone).result()
             except Exception as e:
-                logger.exception("Request %s failed", s.request.request_id)
-                outputs.append(self._fail(s.request, e))
+                logger.exception("Request %s failed", s.request_id)
+                outputs.append(self._fail(s, e))
                 continue
             outputs += self._apply(alone, result)
         return outputs
 
-    def _fail(self, req: Request, error: BaseException) -> EngineCoreOutput:
+    def _fail(self, s: ScheduledRequest, error: BaseException) -> EngineCoreOutput:
+        """Ends the request of a failed step's row with the error."""
+        req = self.requests[s.request_id]
+        req.num_pending -= s.samples  # the failed step's token never comes
         self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
         self._forget(req)
         return EngineCoreOutput(req.request_id, finish_reason=FinishReason.ERROR,

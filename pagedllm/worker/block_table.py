@@ -36,9 +36,9 @@ class BlockTables:
         rows, filled = self._rows, self._filled
         for s in scheduled:
             ids, n = s.block_ids, len(s.block_ids)
-            row = rows.get(s.request.request_id)
+            row = rows.get(s.request_id)
             if row is None:
-                row = rows[s.request.request_id] = _Row(None, self._take_row())
+                row = rows[s.request_id] = _Row(None, self._take_row())
             if row.source is not ids:
                 row.source = ids
                 self._write(row.index, ids, 0)
@@ -70,6 +70,6 @@ class BlockTables:
 
     def _drop_unscheduled(self, scheduled: list[ScheduledRequest]) -> None:
         # Finished, preempted or waiting requests: a row comes back when it is next scheduled.
-        live = {s.request.request_id for s in scheduled}
+        live = {s.request_id for s in scheduled}
         for request_id in [r for r in self._rows if r not in live]:
             self._free.append(self._rows.pop(request_id).index)

@@ -20,8 +20,7 @@ from pagedllm.attention.backend import (
     ForwardContext,
     forward_context,
 )
-from pagedllm.core.request import Request
-from pagedllm.core.scheduler import ScheduledRequest, SchedulerOutput
+from pagedllm.core.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
 from pagedllm.engine.messages import LogprobsEntry
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ProcessedImage
@@ -42,10 +41,13 @@ _NEUTRAL = np.array([0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, LogprobsEntry] = field(default_factory=dict)
-    # prompt logprobs of this step's chunk: entry j scores prompt token (chunk start + j + 1)
-    prompt_logprobs: dict[str, list[LogprobsEntry]] = field(default_factory=dict)
+    """A step's results in rows: one per scheduled request that samples, in scheduled order."""
+
+    req_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[LogprobsEntry | None] | None = None  # None: no row asked for logprobs
+    # (request id, prompt logprobs of its chunk): entry j scores prompt token (start + j + 1)
+    prompt_logprobs: list[tuple[str, list[LogprobsEntry]]] = field(default_factory=list)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class LaunchedStep:
     """A step queued on the device. Its sampled ids are copied to pinned host memory behind the
     step's kernels, so waiting for them never waits for a step launched after it."""
 
-    requests: list[Request]  # the sampling rows, in order
+    requests: list[NewRequestData]  # the sampling rows, in order
     sampled: SamplerOutput | None = None
     output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
     _host_ids: torch.Tensor | None = None
@@ -75,15 +77,17 @@ class LaunchedStep:
             return out
         if self._ready is not None:
             self._ready.synchronize()
-        out.sampled.update(zip([r.request_id for r in self.requests], self._host_ids.tolist()))
+        out.req_ids = [r.request_id for r in self.requests]
+        out.sampled_token_ids = self._host_ids.tolist()
+        for req, token in zip(self.requests, out.sampled_token_ids):
+            req.output_token_ids.append(token)  # the runner's view of the request
         if result.logprobs is None:
             return out
         ids, lps, ranks = (result.logprob_token_ids.tolist(), result.logprobs.tolist(),
                            result.sampled_ranks.tolist())
-        for i, req in enumerate(self.requests):
-            k = req.sampling_params.logprobs
-            if k is not None:
-                out.logprobs[req.request_id] = (ids[i][:1 + k], lps[i][:1 + k], ranks[i])
+        out.logprobs = [None if (k := req.sampling_params.logprobs) is None
+                        else (ids[i][:1 + k], lps[i][:1 + k], ranks[i])
+                        for i, req in enumerate(self.requests)]
         return out
 
 
@@ -94,6 +98,7 @@ class ModelRunner:
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
+        self.requests: dict[str, NewRequestData] = {}  # what the runner knows of each request
         self._generators: dict[str, torch.Generator] = {}
         self._block_tables = BlockTables()
         self.graphs: CUDAGraphRunner | None = None
@@ -124,16 +129,19 @@ class ModelRunner:
         self.allocate_kv_cache(sum(-(-n // bs) for n in lens) + 1)
         scheduled, next_block = [], 1
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        new = []
         for i, n in enumerate(lens):
             blocks = list(range(next_block, next_block + -(-n // bs)))
             next_block += len(blocks)
-            req = Request(f"profile-{i}", [0] * n, params)
-            scheduled.append(ScheduledRequest(req, n, blocks, 0, True))
+            new.append(NewRequestData(f"profile-{i}", [0] * n, params, []))
+            scheduled.append(ScheduledRequest(f"profile-{i}", [0] * n, n, blocks, 0, True))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        self.execute(SchedulerOutput(scheduled=scheduled))
+        self.execute(SchedulerOutput(scheduled=scheduled, new_requests=new))
         torch.cuda.synchronize()
+        for data in new:
+            self.free_request(data.request_id)
         self.kv_caches = []
         return torch.cuda.max_memory_allocated() - base
 
@@ -158,6 +166,7 @@ class ModelRunner:
         self.graphs.capture()
 
     def free_request(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
         self._generators.pop(request_id, None)
         if self.encoder_cache is not None:
             self.encoder_cache.free(request_id)
@@ -170,20 +179,22 @@ class ModelRunner:
         """Queues the step on the device and returns at once (on a GPU); ``result()`` waits for
         its sampled tokens. A request whose last token is still pending from the step launched
         before takes it straight from that step's output on the device."""
+        for data in sched.new_requests:  # new, or resumed after a preemption: replaces
+            self.requests[data.request_id] = data
         input_ids, positions, metadata = self._prepare_inputs(sched.scheduled)
         starts = metadata.query_starts_cpu
         sampling = [(s, starts[i + 1] - 1) for i, s in enumerate(sched.scheduled) if s.samples]
-        requests = [s.request for s, _ in sampling]
+        requests = [self.requests[s.request_id] for s, _ in sampling]
         # Host-to-device copies before the forward is queued, so none of them waits for it.
         if sampling:
             rows = to_device(np.array([row for _, row in sampling]), self.device)
             tensors = self._sampling_tensors(requests, self.arch.vocab_size)
         images = None
         if self.arch.mrope_section:
-            positions = to_device(step_mrope_positions(sched.scheduled, metadata.num_tokens),
-                                  self.device)
+            positions = to_device(step_mrope_positions(sched.scheduled, self.requests,
+                                                       metadata.num_tokens), self.device)
         if self.encoder_cache is not None:
-            images = self.encoder_cache.step_images(sched.scheduled)
+            images = self.encoder_cache.step_images(sched.scheduled, self.requests)
         if images is None and self.graphs is not None and self.graphs.can_run(metadata):
             hidden = self.graphs.run(input_ids, positions, metadata)
         else:
@@ -226,11 +237,9 @@ class ModelRunner:
         token_ids: list[int] = []
         pending: list[tuple[int, str]] = []  # (batch row, request) of tokens still on the device
         for s in scheduled:
-            req, first = s.request, s.num_computed_tokens
-            end = first + s.num_new_tokens
-            token_ids += req.token_ids(first, end)
-            if end > req.num_tokens:  # its last token is being sampled by the step before
-                pending.append((len(token_ids), req.request_id))
+            token_ids += s.token_ids
+            if len(s.token_ids) < s.num_new_tokens:  # being sampled by the step before
+                pending.append((len(token_ids), s.request_id))
                 token_ids.append(0)
         ids = np.array(token_ids, np.int64)
 
@@ -250,7 +259,7 @@ class ModelRunner:
             input_ids[index[:, 0]] = previous[index[:, 1]]
         return input_ids, dev(positions), metadata
 
-    def _sampling_tensors(self, requests: list[Request], vocab: int) -> SamplingTensors:
+    def _sampling_tensors(self, requests: list[NewRequestData], vocab: int) -> SamplingTensors:
         dev = self.device
         params = [r.sampling_params for r in requests]
         # One pass over the rows; the flags come from the host copy, and each dtype crosses to
@@ -281,7 +290,7 @@ class ModelRunner:
         self._bias_and_ban(t, requests, rare, vocab)
         return t
 
-    def _bias_and_ban(self, t: SamplingTensors, requests: list[Request], rare: list[int],
+    def _bias_and_ban(self, t: SamplingTensors, requests: list[NewRequestData], rare: list[int],
                       vocab: int) -> None:
         """Logit bias and the min_tokens ban, [N, vocab] each, if any row uses them."""
         n, dev = len(requests), self.device
@@ -292,7 +301,7 @@ class ModelRunner:
                 for token, bias in (p.logit_bias or {}).items():
                     t.logit_bias[i, token] = bias
         banned = [(i, p) for i, p in zip(rare, params)
-                  if requests[i].num_output_tokens < p.min_tokens]
+                  if len(requests[i].output_token_ids) < p.min_tokens]
         if banned:
             t.banned = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
             for i, p in banned:
@@ -309,7 +318,7 @@ class ModelRunner:
         counts.scatter_add_(1, padded, torch.ones_like(padded))
         return counts[:, :vocab].to(self.device)
 
-    def _generator(self, req: Request) -> torch.Generator | None:
+    def _generator(self, req: NewRequestData) -> torch.Generator | None:
         seed = req.sampling_params.seed
         if seed is None or req.sampling_params.greedy:
             return None
@@ -321,13 +330,13 @@ class ModelRunner:
 
     def _prompt_logprobs(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
                          metadata: AttentionMetadata, out: ModelRunnerOutput) -> None:
-        wanted = [(i, s) for i, s in enumerate(scheduled)
-                  if s.request.sampling_params.prompt_logprobs is not None]
+        wanted = [(i, s, self.requests[s.request_id]) for i, s in enumerate(scheduled)
+                  if self.requests[s.request_id].sampling_params.prompt_logprobs is not None]
         if not wanted:
             return
         starts = metadata.query_starts_cpu
-        for i, s in wanted:
-            req, k = s.request, s.request.sampling_params.prompt_logprobs
+        for i, s, req in wanted:
+            k = req.sampling_params.prompt_logprobs
             first = s.num_computed_tokens
             last = min(first + s.num_new_tokens, req.num_prompt_tokens - 1)
             if first >= last:
@@ -336,5 +345,5 @@ class ModelRunner:
             logprobs = self.model.compute_logits(rows).log_softmax(dim=-1)
             targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=self.device)
             ids, lps, ranks = gather_logprobs(logprobs, targets, k)
-            out.prompt_logprobs[req.request_id] = list(
-                zip(ids.tolist(), lps.tolist(), ranks.tolist()))
+            out.prompt_logprobs.append(
+                (req.request_id, list(zip(ids.tolist(), lps.tolist(), ranks.tolist()))))

@@ -8,13 +8,14 @@ not consumed yet; a finished one drops everything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pagedllm.core.scheduler import ScheduledRequest
+from pagedllm.core.scheduler import NewRequestData, ScheduledRequest
 from pagedllm.multimodal.image_processor import ProcessedImage
 from pagedllm.worker.device_copy import to_device
 
@@ -39,15 +40,16 @@ class EncoderCache:
     def free(self, request_id: str) -> None:
         self._outputs.pop(request_id, None)
 
-    def step_images(self, scheduled: list[ScheduledRequest]) -> StepImages | None:
+    def step_images(self, scheduled: list[ScheduledRequest],
+                    requests: Mapping[str, NewRequestData]) -> StepImages | None:
         """Encodes the images this step reaches for the first time (in one encoder call) and
         gathers the embedding rows of every scheduled image token, in batch order."""
-        self._encode_new(scheduled)
+        self._encode_new(scheduled, requests)
         index: list[np.ndarray] = []
         pieces: list[torch.Tensor] = []
         row = 0
         for s in scheduled:
-            req = s.request
+            req = requests[s.request_id]
             start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
             for k, f in enumerate(req.images):
                 lo, hi = max(start, f.offset), min(end, f.end)
@@ -64,10 +66,11 @@ class EncoderCache:
         return StepImages(to_device(np.concatenate(index), self.device),
                           torch.cat(pieces))
 
-    def _encode_new(self, scheduled: list[ScheduledRequest]) -> None:
+    def _encode_new(self, scheduled: list[ScheduledRequest],
+                    requests: Mapping[str, NewRequestData]) -> None:
         todo = []
         for s in scheduled:
-            req = s.request
+            req = requests[s.request_id]
             start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens
             outputs = self._outputs.setdefault(req.request_id, {}) if req.images else {}
             todo += [(outputs, k, f.image) for k, f in enumerate(req.images)
@@ -87,14 +90,15 @@ class EncoderCache:
         return self.model.encode_images(pixels, [image.grid_thw for image in images])
 
 
-def step_mrope_positions(scheduled: list[ScheduledRequest], num_tokens: int) -> np.ndarray:
+def step_mrope_positions(scheduled: list[ScheduledRequest],
+                         requests: Mapping[str, NewRequestData], num_tokens: int) -> np.ndarray:
     """[3, T] positions of a step: an image prompt's own (temporal, height, width) rows, and
     for every other token its sequence position (plus its request's offset after images) in
     all three rows."""
     out = np.empty((3, num_tokens), np.int64)
     row = 0
     for s in scheduled:
-        req, n = s.request, s.num_new_tokens
+        req, n = requests[s.request_id], s.num_new_tokens
         start = s.num_computed_tokens
         if req.mrope is None:
             out[:, row:row + n] = np.arange(start, start + n)

@@ -40,13 +40,12 @@ def make_request(request_id: str, num_prompt: int, *, first: int | None = None,
 def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     """One engine step with a fake model that samples ``token`` for every request that samples."""
     out = sched.schedule()
-    sampled = {s.request.request_id: token for s in out.scheduled if s.samples}
-    sched.update_from_output(out, sampled)
+    sched.update_from_output(out, [token for s in out.scheduled if s.samples])
     return out
 
 
 def plan(out: SchedulerOutput) -> list[tuple[str, int]]:
-    return [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]
+    return [(s.request_id, s.num_new_tokens) for s in out.scheduled]
 
 
 def run_to_completion(sched: Scheduler, max_steps: int = 1000) -> list[SchedulerOutput]:
@@ -113,7 +112,7 @@ def test_chunked_prefill_finishes_a_long_prompt_over_several_steps() -> None:
                                                                          computed_before)
         assert (out.num_new_prompts, out.num_prompt_chunks) == ((1, 0) if i == 0 else (0, 1))
         assert len(s.block_ids) == -(-(computed_before + n) // 16)
-        sched.update_from_output(out, {"a": 5} if s.samples else {})
+        sched.update_from_output(out, [5] if s.samples else [])
         assert req.output_token_ids == ([5] if samples else [])
     assert req.num_computed_tokens == 40
     out = step(sched)  # then one decode
@@ -154,7 +153,7 @@ def test_update_from_output_returns_requests_with_a_new_token() -> None:
     add_all(sched, [a, b])
     out = sched.schedule()
     assert [s.samples for s in out.scheduled] == [True, False]
-    assert sched.update_from_output(out, {"a": 9}) == [a]
+    assert sched.update_from_output(out, [9]) == [a]
     assert b.num_computed_tokens == 12 and b.output_token_ids == []
 
 
@@ -228,13 +227,12 @@ def test_preempted_request_resumes_from_its_cached_blocks() -> None:
     resumed = None
     while resumed is None:
         out = sched.schedule()
-        resumed = next((s for s in out.scheduled if s.request is c), None)
+        resumed = next((s for s in out.scheduled if s.request_id == "c"), None)
         if resumed is not None:
             # 9 tokens (8 prompt + 1 sampled): 4 come from the cache, 5 are recomputed.
             assert (c.num_tokens, resumed.num_computed_tokens, resumed.num_new_tokens) == (9, 4, 5)
             assert resumed.block_ids[0] == 4
-        sched.update_from_output(out, {s.request.request_id: 7
-                                       for s in out.scheduled if s.samples})
+        sched.update_from_output(out, [7 for s in out.scheduled if s.samples])
     run_to_completion(sched)
     assert c.output_token_ids == [7, 7, 7]
     assert c.num_cached_tokens == 0  # the hit at its first scheduling
@@ -254,7 +252,7 @@ def generate(req: Request, tokens: list[int], **kwargs: object) -> Request:
         token = next(feed, None)
         if token is None:
             break
-        sched.update_from_output(out, {req.request_id: token})
+        sched.update_from_output(out, [token])
     if req.is_finished:
         assert_pool_whole(sched)
     return req
@@ -369,7 +367,7 @@ def test_samples_wait_for_the_first_prompt_then_hit_its_blocks() -> None:
     out = step(sched)
     assert plan(out) == [("s0", 8), ("s1", 8)]
     assert plan(step(sched)) == [("s0", 1), ("s1", 1), ("s2", 8)]
-    blocks = {s.request.request_id: s.block_ids for s in out.scheduled}
+    blocks = {s.request_id: s.block_ids for s in out.scheduled}
     blocks["s2"] = sched.kv_cache.block_ids("s2")
     assert blocks["s1"][:2] == blocks["s0"][:2] == blocks["s2"][:2]
     assert len({blocks[x][2] for x in ("s0", "s1", "s2")}) == 3  # partial blocks: private
@@ -432,9 +430,11 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput,
     assert out.total_num_tokens <= cfg.max_num_batched_tokens
     assert len(out.scheduled) <= cfg.max_num_seqs
     assert len(sched.running) <= cfg.max_num_seqs
-    assert len({id(s.request) for s in out.scheduled}) == len(out.scheduled)
+    assert len({s.request_id for s in out.scheduled}) == len(out.scheduled)
     for s in out.scheduled:
-        req = s.request
+        req = sched.requests[s.request_id]
+        assert s.token_ids == req.token_ids(s.num_computed_tokens, min(
+            s.num_computed_tokens + s.num_new_tokens, req.num_tokens))
         assert s.num_new_tokens >= 1
         assert s.num_computed_tokens + s.num_new_tokens == req.num_computed_tokens
         assert req.num_computed_tokens <= req.num_tokens + req.num_pending
@@ -452,18 +452,18 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput,
 
 
 def write_and_read_kv(kv_store: dict[int, list[tuple[int, ...] | None]], out: SchedulerOutput,
-                      block_size: int) -> None:
+                      block_size: int, requests: dict[str, Request]) -> None:
     """A fake model: a token's K/V depends on it and every token before it, so each slot gets
     the token's whole prefix. Writes every scheduled token's slot, then checks that every
     scheduled request reads its own prefixes in all its slots (prefix-cache hits included)."""
     for s in out.scheduled:
-        req = s.request
+        req = requests[s.request_id]
         start = s.num_computed_tokens
         for pos in range(start, start + s.num_new_tokens):
             slots = kv_store.setdefault(s.block_ids[pos // block_size], [None] * block_size)
             slots[pos % block_size] = tuple(req.token_ids(0, pos + 1))
     for s in out.scheduled:
-        req = s.request
+        req = requests[s.request_id]
         end = s.num_computed_tokens + s.num_new_tokens
         for pos in range(end):
             seen = kv_store[s.block_ids[pos // block_size]][pos % block_size]
@@ -510,9 +510,8 @@ def test_randomized_stress(chunked: bool, caching: bool, seed: int) -> None:
             sched.finish(victim, RequestStatus.FINISHED_ABORTED)
         out = sched.schedule()
         check_invariants(sched, out, live)
-        write_and_read_kv(kv_store, out, block_size)
-        sampled = {s.request.request_id: rng.choice([EOS, 5, 6, 7, 8, 9, 10, 11])
-                   for s in out.scheduled if s.samples}
+        write_and_read_kv(kv_store, out, block_size, sched.requests)
+        sampled = [rng.choice([EOS, 5, 6, 7, 8, 9, 10, 11]) for s in out.scheduled if s.samples]
         sched.update_from_output(out, sampled)
         for req in live:
             assert req.num_computed_tokens <= req.num_tokens
@@ -560,8 +559,8 @@ def _run(requests: list[Request], sched: Scheduler, lag: bool, aborts: dict[int,
         else:
             done = out
         if done is not None:
-            sched.update_from_output(done, {s.request.request_id: _model_token(s.request)
-                                            for s in done.scheduled if s.samples})
+            sched.update_from_output(done, [_model_token(by_id[s.request_id])
+                                            for s in done.scheduled if s.samples])
         steps += 1
         assert steps < 2000, "no progress"
     return steps

@@ -142,7 +142,7 @@ def poison(llm: AsyncLLM, request_id: str) -> None:
     real_launch = runner.launch
 
     def launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
-        if any(s.request.request_id == request_id for s in sched.scheduled):
+        if any(s.request_id == request_id for s in sched.scheduled):
             raise RuntimeError(f"injected failure of {request_id}")
         return real_launch(sched)
 
@@ -173,6 +173,7 @@ def test_a_failing_request_ends_alone(inproc: AsyncLLM) -> None:
         assert sum(len(o.outputs[0].token_ids) for o in outs) == 12
     inproc.check_health()
     asyncio.run(assert_pool_whole(inproc))
+    assert not inproc.core.requests and not inproc.core.scheduler.requests  # nothing leaked
     outs = asyncio.run(collect(inproc, "Hi", params(3), "survivor"))
     assert outs[-1].finished
 

@@ -6,9 +6,7 @@ import random
 
 import numpy as np
 
-from pagedllm.core.request import Request
 from pagedllm.core.scheduler import ScheduledRequest
-from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.block_table import BlockTables
 
 
@@ -25,7 +23,7 @@ def test_gather_equals_the_plain_table_step_after_step() -> None:
     rng = random.Random(0)
     tables = BlockTables(num_rows=2, width=2)  # small, so that both dimensions grow
     live: dict[str, list[int]] = {}
-    requests = {f"r{i}": Request(f"r{i}", [1], SamplingParams()) for i in range(12)}
+    requests = [f"r{i}" for i in range(12)]
     for _ in range(300):
         for request_id in rng.sample(sorted(requests), 3):
             action = rng.random()
@@ -39,7 +37,7 @@ def test_gather_equals_the_plain_table_step_after_step() -> None:
         chosen = [r for r in sorted(live) if live[r] and rng.random() < 0.8]
         if not chosen:
             continue
-        scheduled = [ScheduledRequest(requests[r], 1, live[r], 0, True) for r in chosen]
+        scheduled = [ScheduledRequest(r, [0], 1, live[r], 0, True) for r in chosen]
         got = tables.gather(scheduled)
         assert got.dtype == np.int32
         np.testing.assert_array_equal(got, plain_table(scheduled))
@@ -47,13 +45,11 @@ def test_gather_equals_the_plain_table_step_after_step() -> None:
 
 def test_a_new_list_rewrites_the_row_and_clears_its_tail() -> None:
     tables = BlockTables()
-    req = Request("r", [1], SamplingParams())
     first = [5, 6, 7]
-    tables.gather([ScheduledRequest(req, 1, first, 0, True)])
+    tables.gather([ScheduledRequest("r", [0], 1, first, 0, True)])
     first.append(8)  # grows in place: only the new id is copied
-    np.testing.assert_array_equal(tables.gather([ScheduledRequest(req, 1, first, 0, True)]),
+    np.testing.assert_array_equal(tables.gather([ScheduledRequest("r", [0], 1, first, 0, True)]),
                                   [[5, 6, 7, 8]])
-    other = Request("o", [1], SamplingParams())
-    got = tables.gather([ScheduledRequest(req, 1, [9], 0, True),
-                         ScheduledRequest(other, 1, [3, 4], 0, True)])
+    got = tables.gather([ScheduledRequest("r", [0], 1, [9], 0, True),
+                         ScheduledRequest("o", [0], 1, [3, 4], 0, True)])
     np.testing.assert_array_equal(got, [[9, 0], [3, 4]])
