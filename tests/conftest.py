@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 
 from pagedllm.models.loader import ModelSource, resolve_model
 from pagedllm.tokenizer import Tokenizer, load_tokenizer
+from tests.processes import engine_core_pids, wait_gone
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_orphan_engine_cores() -> Iterator[None]:
+    """After all tests, no engine core that this test process started is left running."""
+    yield
+    assert not wait_gone(engine_core_pids(os.getpid()), 5.0), "an engine core outlived its test"
 
 
 @pytest.fixture(scope="session")

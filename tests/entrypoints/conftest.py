@@ -17,6 +17,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.processes import engine_core_pids, wait_gone
+
 API_KEY = "test-key"
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 64
@@ -65,41 +67,6 @@ class Server:
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
                                   timeout=300)
-
-
-def engine_core_pids(parent_pid: int) -> list[int]:
-    """Engine core processes started by ``parent_pid`` (alive, or dead but not reaped), found
-    by their command line, so that reparented ones are found too."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"pagedllm.engine.core_proc" in argv and str(parent_pid).encode() in argv:
-            pids.append(int(entry))
-    return pids
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """The processes of ``pids`` still running after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in pids if _running(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return False
 
 
 def _free_port() -> int:

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.entrypoints.conftest import Server, engine_core_pids, launch_server, wait_gone
+from tests.entrypoints.conftest import Server, launch_server
+from tests.processes import engine_core_pids, wait_gone
 
 pytestmark = pytest.mark.slow
 
