@@ -28,8 +28,8 @@ from typing import Any
 import zmq
 
 from pagedllm.engine.core import EngineCore
-from pagedllm.engine.core_client import EngineDeadError, MPClient, utility_result
-from pagedllm.engine.frontend import Frontend
+from pagedllm.engine.core_client import EngineDeadError, utility_result
+from pagedllm.engine.frontend import start_with_core
 from pagedllm.engine.inputs import ProcessedPrompt, PromptType
 from pagedllm.engine.messages import (
     EngineCoreOutputs,
@@ -120,8 +120,7 @@ class AsyncLLM:
                  stat_loggers: Sequence[StatLogger] = ()) -> None:
         """Starts the engine core (in its own process, or with ``engine_process=False`` on a
         thread of this one, for tests that look inside) and returns once it is ready."""
-        self.frontend = Frontend.from_engine_args(engine_kwargs)
-        self.client = MPClient(engine_kwargs, in_thread=not engine_process)
+        self.frontend, self.client = start_with_core(engine_kwargs, not engine_process)
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)

@@ -96,7 +96,7 @@ class MPClient:
             self.proc = _start_process(engine_kwargs, base)
             self.sentinel = _pidfd(self.proc.pid)
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._ctx, self._dir)
-        self.info: EngineCoreInfo = self._wait_ready()
+        self.info: EngineCoreInfo | None = None  # set by wait_ready()
 
     def _run_in_thread(self, engine_kwargs: dict[str, Any], base: str) -> None:
         def keep(core: EngineCore) -> None:
@@ -104,11 +104,14 @@ class MPClient:
 
         run_engine_core(engine_kwargs, f"{base}/input", f"{base}/output", None, self._ctx, keep)
 
-    def _wait_ready(self) -> EngineCoreInfo:
+    def wait_ready(self) -> EngineCoreInfo:
+        """Waits until the core has loaded the model (start it, do other start-up work, then
+        call this); raises if it failed to start."""
         while True:
             if self.output_socket.poll(100):
                 kind, message = self.receive()
                 if kind is Kind.READY:
+                    self.info = message
                     return message
                 self.shutdown()
                 raise RuntimeError(f"The engine core failed to start: {message}")

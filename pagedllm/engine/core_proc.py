@@ -21,7 +21,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import zmq
 
 from pagedllm.engine.core import EngineCore
@@ -167,10 +166,6 @@ def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the front end decides when the core
     # stops (it drains requests first), so the core ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The front end's process works beside this one (text, HTTP) on every step: leave it a
-        # core. On 2 cores, two compute threads here lose 2-10x to the stalls of a busy peer.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
     kwargs = json.loads(sys.stdin.read())
     return run_engine_core(kwargs, args.input, args.output, args.parent_pid)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pagedllm.core.scheduler import check_prompt_fits
 from pagedllm.engine.builder import FrontendParts, build_frontend
+from pagedllm.engine.core_client import MPClient
 from pagedllm.engine.inputs import ProcessedPrompt, PromptType
 from pagedllm.engine.messages import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.engine.output_processor import OutputProcessor, ProcessedOutputs
@@ -71,3 +72,17 @@ class Frontend:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.states)
+
+
+def start_with_core(engine_kwargs: dict[str, Any],
+                    in_thread: bool = False) -> tuple[Frontend, MPClient]:
+    """Starts the engine core in a process of its own (or on a thread), builds the front end
+    (tokenizer, image processor) while the core loads the model, and waits until it is ready."""
+    client = MPClient(engine_kwargs, in_thread)
+    try:
+        frontend = Frontend.from_engine_args(engine_kwargs)
+        client.wait_ready()
+    except BaseException:
+        client.shutdown()
+        raise
+    return frontend, client

@@ -15,7 +15,7 @@ from typing import Any
 
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.core_client import InprocClient, MPClient
-from pagedllm.engine.frontend import Frontend
+from pagedllm.engine.frontend import Frontend, start_with_core
 from pagedllm.engine.inputs import ProcessedPrompt, PromptType
 from pagedllm.engine.messages import EngineStats
 from pagedllm.outputs import RequestOutput
@@ -38,9 +38,9 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, engine_process: bool = False, **kwargs: Any) -> LLMEngine:
         """Builds the engine from flat arguments (``pagedllm.config`` field names)."""
-        frontend = Frontend.from_engine_args(kwargs)
-        client = MPClient(kwargs) if engine_process else InprocClient(kwargs)
-        return cls(frontend, client)
+        if not engine_process:
+            return cls(Frontend.from_engine_args(kwargs), InprocClient(kwargs))
+        return cls(*start_with_core(kwargs))
 
     @property
     def core(self) -> EngineCore:
