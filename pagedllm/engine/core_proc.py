@@ -15,6 +15,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import traceback
@@ -167,7 +168,11 @@ def main() -> int:
     # stops (it drains requests first), so the core ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kwargs = json.loads(sys.stdin.read())
-    return run_engine_core(kwargs, args.input, args.output, args.parent_pid)
+    code = run_engine_core(kwargs, args.input, args.output, args.parent_pid)
+    if os.getppid() != args.parent_pid and args.input.startswith("ipc://"):
+        # The front end was killed before it could remove the sockets' folder.
+        shutil.rmtree(os.path.dirname(args.input.removeprefix("ipc://")), ignore_errors=True)
+    return code
 
 
 if __name__ == "__main__":
