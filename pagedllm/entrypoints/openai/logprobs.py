@@ -35,6 +35,18 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob`` as its server returns it in ``prompt_logprobs``."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One entry per prompt token, keyed by token id; the first is None (it has no context).
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 def _clamp(x: float) -> float:
     # JSON has no -inf; OpenAI clients expect a number.
     return max(x, -9999.0)
@@ -79,6 +91,12 @@ class LogprobFormatter:
                 top.setdefault(text, _clamp(chosen.logprob))
             out.top_logprobs.append(top)
         return out
+
+    def prompt(self, positions: Sequence[dict[int, Logprob] | None]) -> PromptLogprobs:
+        return [None if position is None else {
+            token_id: PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
+                                    decoded_token=self.token_text(token_id, lp))
+            for token_id, lp in position.items()} for position in positions]
 
     def chat(self, token_ids: Sequence[int], positions: Sequence[dict[int, Logprob]],
              k: int) -> ChatLogprobs:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.entrypoints.openai.logprobs import ChatLogprobs
+from pagedllm.entrypoints.openai.logprobs import ChatLogprobs, PromptLogprobs
 from pagedllm.entrypoints.openai.protocol import (
     DropNoneModel,
     OpenAIModel,
@@ -64,6 +64,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, on the response (one prompt)
 
 
 class DeltaMessage(DropNoneModel):

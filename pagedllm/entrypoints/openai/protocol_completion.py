@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs
+from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs, PromptLogprobs
 from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo, now, random_id
 
 
@@ -38,6 +38,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token that ended it
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, per choice
 
 
 class CompletionResponse(BaseModel):

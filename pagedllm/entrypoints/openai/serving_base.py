@@ -9,7 +9,7 @@ from typing import Any
 from pagedllm.engine.async_llm import AsyncLLM, OutputStream
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.openai.errors import APIError, ModelNotFound
-from pagedllm.entrypoints.openai.logprobs import LogprobFormatter
+from pagedllm.entrypoints.openai.logprobs import LogprobFormatter, PromptLogprobs
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -72,12 +72,24 @@ class OpenAIServing:
             raise APIError(f"Requested {param} of {value}, which is greater than the maximum "
                            f"allowed: {self.max_logprobs()}.", param=param)
 
+    def check_prompt_logprobs(self, value: int | None, stream: bool) -> None:
+        self.check_logprobs(value, "prompt_logprobs")
+        if value is not None and stream:  # vLLM's rule: they come with the whole answer
+            raise APIError("prompt_logprobs are not available when stream is true.",
+                           param="prompt_logprobs")
+
     async def add(self, request_id: str, prompts: Sequence[list[int] | ProcessedPrompt],
                   params: Sequence[SamplingParams]) -> OutputStream:
         """Adds one engine request per prompt (``{request_id}-{i}``); all or none."""
         return await self.engine.add_requests(
             [(f"{request_id}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params,
                                                                           strict=True))])
+
+    def prompt_logprobs(self, out: RequestOutput, requested: int | None) -> PromptLogprobs | None:
+        """The prompt's logprobs as vLLM returns them, when the request asked for them."""
+        if requested is None or out.prompt_logprobs is None:
+            return None
+        return self.logprobs.prompt(out.prompt_logprobs)
 
     @staticmethod
     def prompt_index(out: RequestOutput) -> int:

@@ -76,7 +76,7 @@ class OpenAIServingChat(OpenAIServing):
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_logprobs(request.top_logprobs, "top_logprobs")
-        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+        self.check_prompt_logprobs(request.prompt_logprobs, request.stream)
 
     def _params(self, request: ChatCompletionRequest, token_ids: list[int]) -> SamplingParams:
         self.check_prompt(token_ids, "messages")
@@ -112,8 +112,10 @@ class _ChatJob:
                               stop_reason=o.stop_reason) for o in samples]
         usage = UsageInfo.of(len(final.prompt_token_ids),
                              sum(len(o.token_ids) for o in samples))
-        return ChatCompletionResponse(id=self.request_id, created=self.created,
-                                      model=self.model, choices=choices, usage=usage)
+        return ChatCompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices,
+            usage=usage,
+            prompt_logprobs=self.s.prompt_logprobs(final, self.request.prompt_logprobs))
 
     async def chunks(self, stream: OutputStream) -> AsyncIterator[ChatCompletionChunk]:
         for index in range(self.request.n):

@@ -52,7 +52,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.best_of is not None and request.best_of != request.n:
             raise APIError("best_of is not supported (it may only equal n).", param="best_of")
         self.check_logprobs(request.logprobs, "logprobs")
-        self.check_logprobs(request.prompt_logprobs, "prompt_logprobs")
+        self.check_prompt_logprobs(request.prompt_logprobs, request.stream)
 
     def _params(self, request: CompletionRequest, token_ids: list[int]) -> SamplingParams:
         self.check_prompt(token_ids, "prompt")
@@ -100,13 +100,15 @@ class _Job:
         for i in range(len(self.prompt_texts)):
             out = finals[i]
             prompt_tokens += len(out.prompt_token_ids)
+            prompt_logprobs = self.s.prompt_logprobs(out, self.request.prompt_logprobs)
             for sample in sorted(out.outputs, key=lambda o: o.index):
                 completion_tokens += len(sample.token_ids)
                 echo = self._echo(i, out) if self.request.echo else ""
                 choices.append(CompletionChoice(
                     index=i * self.request.n + sample.index, text=echo + sample.text,
                     logprobs=self._logprobs(out, sample, self.request.echo),
-                    finish_reason=sample.finish_reason, stop_reason=sample.stop_reason))
+                    finish_reason=sample.finish_reason, stop_reason=sample.stop_reason,
+                    prompt_logprobs=prompt_logprobs))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                   choices=choices,
                                   usage=UsageInfo.of(prompt_tokens, completion_tokens))
