@@ -32,6 +32,7 @@ from pagedllm.engine.core_client import EngineDeadError, utility_result
 from pagedllm.engine.frontend import start_with_core
 from pagedllm.engine.inputs import ProcessedPrompt, PromptType
 from pagedllm.engine.messages import (
+    EngineCoreInfo,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineStats,
@@ -161,6 +162,11 @@ class AsyncLLM:
     @property
     def config(self) -> Any:
         return self.frontend.config
+
+    @property
+    def core_info(self) -> EngineCoreInfo:
+        assert self.client.info is not None  # set once the core is ready
+        return self.client.info
 
     @property
     def core(self) -> EngineCore:

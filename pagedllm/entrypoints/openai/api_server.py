@@ -131,13 +131,24 @@ def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
                     add_generation_prompt=request.add_generation_prompt)
                 tokens = (await chat.render(chat_request)).token_ids
             else:
-                tokens = completion.tokenizer.encode(
-                    request.prompt or "", add_special_tokens=request.add_special_tokens)
-            body = TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len,
-                                    tokens=list(tokens))
-            return JSONResponse(body.model_dump())
+                tokens = await asyncio.to_thread(
+                    completion.tokenizer.encode, request.prompt or "",
+                    add_special_tokens=request.add_special_tokens)
+            # A long prompt's token strings and JSON take seconds too: off the event loop.
+            return await asyncio.to_thread(_tokenize_response, tokens, request.return_token_strs)
 
         return await _answer(work())
+
+    def _tokenize_response(tokens: list[int], with_strs: bool) -> Response:
+        strs = completion.tokenizer.convert_ids_to_tokens(tokens) if with_strs else None
+        body = TokenizeResponse(count=len(tokens), max_model_len=engine.max_model_len,
+                                tokens=list(tokens), token_strs=strs)
+        return JSONResponse(body.model_dump())
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> Response:
+        # vLLM serves it only behind --enable-tokenizer-info-endpoint (off by default).
+        return error_response("/tokenizer_info is not available on pagedllm.", 404)
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> Response:
@@ -205,8 +216,10 @@ def main(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs_from_args(args)
     logger.info("Starting the engine: %s", kwargs or "defaults")
     engine = AsyncLLM.from_engine_args(log_stats=not args.disable_log_stats, **kwargs)
-    logger.info("Engine ready in %.1f s: model %s, max_model_len %d", time.monotonic() - start,
-                engine.model_name, engine.max_model_len)
+    info = engine.core_info
+    logger.info("Engine ready in %.1f s: model %s, max_model_len %d, KV cache %d blocks of %d "
+                "tokens", time.monotonic() - start, engine.model_name, engine.max_model_len,
+                info.num_blocks, info.block_size)
     app = build_app(engine, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY"))
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
