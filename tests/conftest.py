@@ -52,11 +52,7 @@ VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 49152, 49153, 49154
 def build_tiny_qwen2_vl(folder: str, default_tokenizer: Tokenizer) -> str:
     """A complete random-weight Qwen2-VL folder (config, safetensors, tokenizer with the vision
     tokens and chat template, preprocessor config), saved by transformers itself."""
-    import json
-    import os
-
     import torch
-    from tokenizers import AddedToken
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
@@ -77,6 +73,18 @@ def build_tiny_qwen2_vl(folder: str, default_tokenizer: Tokenizer) -> str:
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(folder)
+    save_vision_processor_files(folder, default_tokenizer)
+    return folder
+
+
+def save_vision_processor_files(folder: str, default_tokenizer: Tokenizer) -> None:
+    """The tokenizer with Qwen2-VL's vision tokens and chat template, and the preprocessor
+    config (Qwen2.5-VL's are the same)."""
+    import json
+    import os
+
+    from tokenizers import AddedToken
+
     backend = default_tokenizer.backend.__class__.from_str(default_tokenizer.backend.to_str())
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in (
         "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")])
@@ -91,10 +99,52 @@ def build_tiny_qwen2_vl(folder: str, default_tokenizer: Tokenizer) -> str:
                    "max_pixels": 28 * 28 * 1280,
                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
                    "image_std": [0.26862954, 0.26130258, 0.27577711]}, f)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_vl_dir(tmp_path_factory: pytest.TempPathFactory,
                       default_tokenizer: Tokenizer) -> str:
     return build_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen2-vl")), default_tokenizer)
+
+
+# Qwen2.5-VL's tiny tower: windows of 84 pixels = 3 x 3 merged patches, so most test images end
+# in partial windows; blocks 1 and 3 attend over whole images.
+TINY_QWEN2_5_VL_VISION = dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4,
+                              out_hidden_size=64, window_size=84, fullatt_block_indexes=[1, 3],
+                              hidden_act="silu", in_channels=3, patch_size=14,
+                              spatial_merge_size=2, temporal_patch_size=2)
+
+
+def build_tiny_qwen2_5_vl(folder: str, default_tokenizer: Tokenizer) -> str:
+    """A complete random-weight Qwen2.5-VL folder, as ``build_tiny_qwen2_vl``'s; norms and
+    biases are random too, so that loading them is checked."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=49160, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
+        vision_config=TINY_QWEN2_5_VL_VISION,
+        image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID,
+        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():  # larger random weights than the init, so greedy outputs vary
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+            else:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    save_vision_processor_files(folder, default_tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_dir(tmp_path_factory: pytest.TempPathFactory,
+                        default_tokenizer: Tokenizer) -> str:
+    return build_tiny_qwen2_5_vl(str(tmp_path_factory.mktemp("tiny-qwen2.5-vl")),
+                                 default_tokenizer)

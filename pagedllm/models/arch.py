@@ -2,7 +2,7 @@
 
 Everything that sizes memory (the planner, KV cache sizing) and the model code read these
 fields, never the raw dict, so transformers 4 and 5 config spellings are handled in one place.
-Vision-language models (Qwen2-VL) add a ``VisionArch`` for the image encoder and M-RoPE;
+Vision-language models (Qwen2-VL, Qwen2.5-VL) add a ``VisionArch`` for the image encoder and M-RoPE;
 RoPE scaling (Llama 3.x, YaRN, ...) is a ``RopeScaling``. Per-layer attention (sliding windows,
 Gemma's soft-caps and score scale) is read as transformers reads it, family defaults included.
 Mixture-of-experts decoders (Mixtral, Qwen3-MoE) add a ``MoeArch`` for their routed experts.
@@ -99,7 +99,13 @@ def _optional_floats(values: Any) -> tuple[float, ...] | None:
 
 @dataclass(frozen=True)
 class VisionArch:
-    """The numbers of a Qwen2-VL style vision transformer (``vision_config``)."""
+    """The numbers of a Qwen2-VL style vision transformer (``vision_config``).
+
+    Qwen2.5-VL's tower (``family`` "qwen2_5_vl", told apart by its ``fullatt_block_indexes``)
+    has RMSNorms, a gated MLP of ``intermediate_size`` and window attention in every block but
+    the listed ones; its config names the tower's width ``hidden_size`` and the merger's output
+    ``out_hidden_size`` (Qwen2-VL: ``embed_dim`` and ``hidden_size``).
+    """
 
     depth: int
     embed_dim: int
@@ -112,26 +118,60 @@ class VisionArch:
     hidden_act: str
     out_hidden_size: int  # the merger's output: the language model's hidden size
     rope_theta: float
+    family: str = "qwen2_vl"  # or "qwen2_5_vl"
+    intermediate_size: int = 0  # the MLP's width; 0: embed_dim x mlp_ratio (Qwen2-VL)
+    window_size: int = 0  # attention windows' side in pixels; 0: no windows (Qwen2-VL)
+    fullatt_block_indexes: tuple[int, ...] = ()  # the blocks that attend over whole frames
 
     @classmethod
     def from_hf_config(cls, vision: dict[str, Any], lm_hidden_size: int) -> VisionArch:
+        if "fullatt_block_indexes" in vision:
+            return cls._from_qwen2_5_vl(vision, lm_hidden_size)
         return cls(
             depth=vision["depth"],
             embed_dim=vision["embed_dim"],
-            num_heads=vision["num_heads"],
             mlp_ratio=float(vision.get("mlp_ratio", 4)),
-            patch_size=vision.get("patch_size", 14),
-            temporal_patch_size=vision.get("temporal_patch_size", 2),
-            spatial_merge_size=vision.get("spatial_merge_size", 2),
-            in_channels=vision.get("in_channels", vision.get("in_chans", 3)),  # 4.x: in_chans
             hidden_act=vision.get("hidden_act", "quick_gelu"),
             out_hidden_size=vision.get("hidden_size", lm_hidden_size),
-            rope_theta=float(rope_theta(vision)),
+            **_vision_common(vision),
+        )
+
+    @classmethod
+    def _from_qwen2_5_vl(cls, vision: dict[str, Any], lm_hidden_size: int) -> VisionArch:
+        embed_dim = vision["hidden_size"]
+        intermediate = vision["intermediate_size"]
+        return cls(
+            depth=vision["depth"],
+            embed_dim=embed_dim,
+            mlp_ratio=intermediate / embed_dim,
+            hidden_act=vision.get("hidden_act", "silu"),
+            out_hidden_size=vision.get("out_hidden_size", lm_hidden_size),
+            family="qwen2_5_vl",
+            intermediate_size=intermediate,
+            window_size=vision.get("window_size", 112),
+            fullatt_block_indexes=tuple(vision["fullatt_block_indexes"]),
+            **_vision_common(vision),
         )
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_width(self) -> int:
+        return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
+
+
+def _vision_common(vision: dict[str, Any]) -> dict[str, Any]:
+    """The VisionArch fields both Qwen2-VL and Qwen2.5-VL write alike."""
+    return dict(
+        num_heads=vision["num_heads"],
+        patch_size=vision.get("patch_size", 14),
+        temporal_patch_size=vision.get("temporal_patch_size", 2),
+        spatial_merge_size=vision.get("spatial_merge_size", 2),
+        in_channels=vision.get("in_channels", vision.get("in_chans", 3)),  # 4.x: in_chans
+        rope_theta=float(rope_theta(vision)),
+    )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from pagedllm.models.arch import ModelArch, VisionArch
 from pagedllm.models.llama import DecoderForCausalLM
 
 Grid = tuple[int, int, int]  # (temporal, height, width) in patches
+NormFactory = Callable[[int], nn.Module]  # width -> the tower's norm layer
+MlpFactory = Callable[[VisionArch], nn.Module]
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -30,6 +32,16 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": _quick_gelu, "gelu": F.gelu, "silu": F.silu}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported vision activation {name!r}")
+    return _ACTIVATIONS[name]
+
+
+def layer_norm(width: int) -> nn.Module:
+    return nn.LayerNorm(width, eps=1e-6)
 
 
 class PatchEmbed(nn.Module):
@@ -69,11 +81,9 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, v: VisionArch) -> None:
         super().__init__()
-        if v.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"unsupported vision activation {v.hidden_act!r}")
-        hidden = int(v.embed_dim * v.mlp_ratio)
+        hidden = v.mlp_width
         self.fc1 = nn.Linear(v.embed_dim, hidden)
-        self.act = _ACTIVATIONS[v.hidden_act]
+        self.act = activation(v.hidden_act)
         self.fc2 = nn.Linear(hidden, v.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,12 +91,13 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, v: VisionArch) -> None:
+    def __init__(self, v: VisionArch, norm: NormFactory = layer_norm,
+                 mlp: MlpFactory = VisionMLP) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(v.embed_dim, eps=1e-6)
+        self.norm1 = norm(v.embed_dim)
         self.attn = VisionAttention(v)
-        self.norm2 = nn.LayerNorm(v.embed_dim, eps=1e-6)
-        self.mlp = VisionMLP(v)
+        self.norm2 = norm(v.embed_dim)
+        self.mlp = mlp(v)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 seq_lens: list[int]) -> torch.Tensor:
@@ -97,10 +108,10 @@ class VisionBlock(nn.Module):
 class PatchMerger(nn.Module):
     """Each window of merge x merge patches (consecutive rows) -> one language-model token."""
 
-    def __init__(self, v: VisionArch) -> None:
+    def __init__(self, v: VisionArch, norm: NormFactory = layer_norm) -> None:
         super().__init__()
         self.width = v.embed_dim * v.spatial_merge_size ** 2
-        self.ln_q = nn.LayerNorm(v.embed_dim, eps=1e-6)
+        self.ln_q = norm(v.embed_dim)
         self.mlp = nn.Sequential(nn.Linear(self.width, self.width), nn.GELU(),
                                  nn.Linear(self.width, v.out_hidden_size))
 
@@ -109,12 +120,15 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, v: VisionArch) -> None:
+    """Qwen2-VL's tower; ``norm`` and ``mlp`` are the hooks Qwen2.5-VL's tower changes."""
+
+    def __init__(self, v: VisionArch, norm: NormFactory = layer_norm,
+                 mlp: MlpFactory = VisionMLP) -> None:
         super().__init__()
         self.merge = v.spatial_merge_size
         self.patch_embed = PatchEmbed(v)
-        self.blocks = nn.ModuleList(VisionBlock(v) for _ in range(v.depth))
-        self.merger = PatchMerger(v)
+        self.blocks = nn.ModuleList(VisionBlock(v, norm, mlp) for _ in range(v.depth))
+        self.merger = PatchMerger(v, norm)
         # 2D rotary: RoPE over head_dim / 2 per axis, the row's angles then the column's
         # filling each half of the head (NeoX layout).
         half = v.head_dim // 2
@@ -126,7 +140,7 @@ class VisionTransformer(nn.Module):
         """[num_patches, C * Tp * P * P] -> [num_patches / merge**2, out_hidden_size]."""
         x = self.patch_embed(pixels)
         cos_sin = self._rotary(grid_thw)
-        seq_lens = [h * w for t, h, w in grid_thw for _ in range(t)]  # one per frame
+        seq_lens = frame_lens(grid_thw)
         for block in self.blocks:
             x = block(x, cos_sin, seq_lens)
         return self.merger(x)
@@ -146,6 +160,11 @@ class VisionTransformer(nn.Module):
         return emb.cos(), emb.sin()
 
 
+def frame_lens(grid_thw: list[Grid]) -> list[int]:
+    """The patches of each frame of each image: full attention spans one frame."""
+    return [h * w for t, h, w in grid_thw for _ in range(t)]
+
+
 # transformers 5 in-memory names -> the names its checkpoints are saved with
 _RENAMES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
@@ -158,13 +177,16 @@ def _checkpoint_name(name: str) -> str:
 
 
 class Qwen2VLForConditionalGeneration(nn.Module):
+    # the image encoder; Qwen2.5-VL keeps everything else of this class
+    vision_tower: type[VisionTransformer] = VisionTransformer
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         if arch.vision is None or arch.image_token_id is None or arch.mrope_section is None:
-            raise ValueError("a Qwen2-VL config needs vision_config, image_token_id and "
-                             "an mrope_section")
+            raise ValueError(f"a {arch.architecture} config needs vision_config, image_token_id "
+                             "and an mrope_section")
         self.arch = arch
-        self.visual = VisionTransformer(arch.vision)
+        self.visual = self.vision_tower(arch.vision)
         self.language_model = DecoderForCausalLM(arch)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

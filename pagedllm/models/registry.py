@@ -21,6 +21,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3MoeForCausalLM": ("pagedllm.models.moe", "MoeForCausalLM"),
     "Qwen2VLForConditionalGeneration": ("pagedllm.models.qwen2_vl",
                                         "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("pagedllm.models.qwen2_5_vl",
+                                           "Qwen2_5_VLForConditionalGeneration"),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from pagedllm.models.arch import ModelArch
+from pagedllm.models.arch import ModelArch, VisionArch
 
 GiB = 1 << 30
 
@@ -124,18 +124,20 @@ def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0) -> dict[str, 
 
 
 def count_vision_parameters(vision_config: dict[str, Any]) -> int:
-    """Qwen2-VL's vision tower: Conv3d patch embedding (no bias), ``depth`` pre-LayerNorm
-    blocks (qkv, proj, fc1, fc2 with biases) and the 2x2 patch merger (LayerNorm + 2 linears)."""
-    e = vision_config["embed_dim"]
-    channels = vision_config.get("in_channels", vision_config.get("in_chans", 3))
-    patch = vision_config.get("patch_size", 14)
-    temporal = vision_config.get("temporal_patch_size", 2)
-    mlp = int(e * vision_config.get("mlp_ratio", 4))
-    merged = e * vision_config.get("spatial_merge_size", 2) ** 2
-    block = 4 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * mlp + mlp) + (mlp * e + e)
-    merger = 2 * e + (merged * merged + merged) + (merged * vision_config["hidden_size"]
-                                                   + vision_config["hidden_size"])
-    return channels * temporal * patch * patch * e + vision_config["depth"] * block + merger
+    """The vision tower: Conv3d patch embedding (no bias), ``depth`` pre-norm blocks (qkv and
+    proj with biases, then the MLP) and the 2x2 patch merger (norm + 2 linears). Qwen2-VL's
+    norms are LayerNorms (weight and bias) and its MLP fc1, fc2; Qwen2.5-VL's norms are
+    RMSNorms (weight only) and its MLP gate, up and down, all with biases."""
+    # transformers' default for both towers' output width, should the config omit it
+    v = VisionArch.from_hf_config(vision_config, lm_hidden_size=3584)
+    e, mlp, out = v.embed_dim, v.mlp_width, v.out_hidden_size
+    merged = e * v.spatial_merge_size ** 2
+    norm = e if v.family == "qwen2_5_vl" else 2 * e
+    mlp_params = (2 if v.family == "qwen2_5_vl" else 1) * (e * mlp + mlp) + (mlp * e + e)
+    block = 2 * norm + (e * 3 * e + 3 * e) + (e * e + e) + mlp_params
+    merger = norm + (merged * merged + merged) + (merged * out + out)
+    patch = v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * e
+    return patch + v.depth * block + merger
 
 
 def activation_phases(arch: ModelArch, num_tokens: int, max_num_seqs: int,
