@@ -15,17 +15,43 @@ from pagedllm.tokenizer import Tokenizer
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], takes_images: bool,
-                add_generation_prompt: bool = True) -> tuple[str, list[int], list[Any]]:
+                add_generation_prompt: bool = True, continue_final_message: bool = False
+                ) -> tuple[str, list[int], list[Any]]:
     """A conversation through the chat template: (text, its token ids, image sources in order),
-    for the offline ``LLM.chat`` and the server alike. Raises ValueError on what it cannot take."""
+    for the offline ``LLM.chat`` and the server alike. Raises ValueError on what it cannot take.
+
+    ``continue_final_message`` (vLLM's, after transformers') ends the text right after the last
+    message's content, so that the model continues that message rather than starting a new one.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true.")
     rendered, images = parse_chat_messages(messages, takes_images)
     try:
         text = tokenizer.apply_chat_template(rendered,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:  # a template's raise_exception(), a missing template
         raise ValueError(f"The chat template could not render the messages: {e}") from None
+    if continue_final_message:
+        text = _cut_after(text, message_text(rendered[-1]).strip())
     # The template writes the special tokens (BOS included) itself.
     return text, tokenizer.encode(text, add_special_tokens=False), images
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text: its content string, or its text parts joined by newlines."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content if p.get("type") == "text")
+    return content or ""
+
+
+def _cut_after(text: str, final: str) -> str:
+    # The template may strip the content; its last occurrence is the final message's.
+    at = text.rfind(final) if final else -1
+    if at < 0:
+        raise ValueError("continue_final_message: the final message's content does not appear "
+                         "in the rendered chat.")
+    return text[:at + len(final)]
 
 
 def parse_chat_messages(messages: list[dict[str, Any]], takes_images: bool

@@ -128,7 +128,8 @@ def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
             if request.messages is not None:
                 chat_request = ChatCompletionRequest(
                     messages=[ChatMessage.model_validate(m) for m in request.messages],
-                    add_generation_prompt=request.add_generation_prompt)
+                    add_generation_prompt=request.add_generation_prompt,
+                    continue_final_message=request.continue_final_message)
                 tokens = (await chat.render(chat_request)).token_ids
             else:
                 tokens = await asyncio.to_thread(

@@ -76,12 +76,15 @@ class TokenizeRequest(OpenAIModel):
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False  # vLLM's: the tokens' strings too
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):
@@ -125,6 +128,12 @@ class SamplingRequest(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extras
+    use_beam_search: bool = False  # refused: pagedllm only samples
+    priority: int = 0  # refused unless 0: the scheduler is first come, first served
+    truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (-1: max_model_len)
+    return_token_ids: bool = False  # prompt_token_ids and token_ids in the response
+    return_tokens_as_token_ids: bool = False  # refused: logprobs give token strings
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:

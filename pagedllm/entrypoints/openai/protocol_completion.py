@@ -39,6 +39,9 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token that ended it
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's, per choice
+    # vLLM's, with return_token_ids (streamed: the prompt's in a choice's first chunk)
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):

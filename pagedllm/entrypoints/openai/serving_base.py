@@ -10,6 +10,7 @@ from pagedllm.engine.async_llm import AsyncLLM, OutputStream
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.openai.errors import APIError, ModelNotFound
 from pagedllm.entrypoints.openai.logprobs import LogprobFormatter, PromptLogprobs
+from pagedllm.entrypoints.openai.protocol import SamplingRequest
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -66,6 +67,29 @@ class OpenAIServing:
                 "the completion). Please reduce the length of the input or the completion.",
                 param="max_tokens", code="context_length_exceeded")
         return max_tokens
+
+    def check_vllm_fields(self, request: SamplingRequest) -> None:
+        """vLLM's request fields that pagedllm does not implement are refused, never ignored."""
+        if request.use_beam_search:
+            raise APIError("use_beam_search is not supported: pagedllm only samples.",
+                           param="use_beam_search")
+        if request.priority != 0:
+            raise APIError("priority is not supported: requests are scheduled first come, "
+                           "first served (vLLM refuses it too without a priority scheduler).",
+                           param="priority")
+        if request.return_tokens_as_token_ids:
+            raise APIError("return_tokens_as_token_ids is not supported.",
+                           param="return_tokens_as_token_ids")
+        n = request.truncate_prompt_tokens
+        if n is not None and not (n == -1 or 1 <= n <= self.max_model_len):
+            raise APIError(f"truncate_prompt_tokens must be -1 or between 1 and max_model_len "
+                           f"({self.max_model_len}), got {n}.", param="truncate_prompt_tokens")
+
+    def truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
+        """The last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``; -1: max_model_len)."""
+        if keep is None:
+            return token_ids
+        return token_ids[-(self.max_model_len if keep == -1 else keep):]
 
     def check_logprobs(self, value: int | None, param: str) -> None:
         if value is not None and value > self.max_logprobs():

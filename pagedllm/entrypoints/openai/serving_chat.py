@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from pagedllm.engine.async_llm import OutputStream
 from pagedllm.engine.inputs import ProcessedPrompt
-from pagedllm.entrypoints.chat_utils import render_chat
+from pagedllm.entrypoints.chat_utils import message_text, render_chat
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import ChatLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -40,11 +40,11 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         model = self.model_name(request.model)
         self._check(request)
-        prompt = await self.render(request)
+        prompt = self._truncate(request, await self.render(request))
         params = self._params(request, prompt.token_ids)
         request_id = random_id("chatcmpl")
         stream = await self.add(request_id, [prompt], [params])
-        job = _ChatJob(self, request, request_id, model)
+        job = _ChatJob(self, request, request_id, model, prompt.token_ids)
         return await respond(raw, job, stream, bool(request.stream))
 
     async def render(self, request: ChatCompletionRequest) -> ProcessedPrompt:
@@ -53,9 +53,12 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError("messages must not be empty.", param="messages")
         processor = self.engine.frontend.input_processor
         try:
-            text, token_ids, images = render_chat(
-                self.tokenizer, [m.model_dump(exclude_none=True) for m in request.messages],
-                processor.supports_images, request.add_generation_prompt)
+            # A long conversation takes seconds to render and tokenize: off the event loop.
+            text, token_ids, images = await asyncio.to_thread(
+                render_chat, self.tokenizer,
+                [m.model_dump(exclude_none=True) for m in request.messages],
+                processor.supports_images, request.add_generation_prompt,
+                request.continue_final_message)
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
         if not images:
@@ -66,8 +69,18 @@ class OpenAIServingChat(OpenAIServing):
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
 
+    def _truncate(self, request: ChatCompletionRequest, prompt: ProcessedPrompt
+                  ) -> ProcessedPrompt:
+        if request.truncate_prompt_tokens is None:
+            return prompt
+        if prompt.images:  # cutting could split an image's placeholder tokens
+            raise APIError("truncate_prompt_tokens cannot be used with images.",
+                           param="truncate_prompt_tokens")
+        return ProcessedPrompt(self.truncate(prompt.token_ids, request.truncate_prompt_tokens))
+
     def _check(self, request: ChatCompletionRequest) -> None:
         self.check_stream_options(request)
+        self.check_vllm_fields(request)
         if request.tools:
             raise APIError("tools are not supported.", param="tools")
         fmt = (request.response_format or {}).get("type", "text")
@@ -88,12 +101,17 @@ class OpenAIServingChat(OpenAIServing):
 
 class _ChatJob:
     def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest,
-                 request_id: str, model: str) -> None:
+                 request_id: str, model: str, prompt_token_ids: list[int]) -> None:
         self.s = serving
         self.request = request
         self.request_id = request_id
         self.model = model
         self.created = now()
+        self.echo = _echo_text(request)
+        self.prompt_token_ids = prompt_token_ids if request.return_token_ids else None
+
+    def _token_ids(self, sample: CompletionOutput) -> list[int] | None:
+        return list(sample.token_ids) if self.request.return_token_ids else None
 
     def _logprobs(self, sample: CompletionOutput) -> ChatLogprobs | None:
         if not self.request.logprobs:
@@ -107,20 +125,27 @@ class _ChatJob:
             final = out
         assert final is not None  # the stream ends only after a finished output
         samples = sorted(final.outputs, key=lambda o: o.index)
-        choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+        choices = [ChatChoice(index=o.index,
+                              message=ChatResponseMessage(content=self.echo + o.text),
                               logprobs=self._logprobs(o), finish_reason=o.finish_reason,
-                              stop_reason=o.stop_reason) for o in samples]
+                              stop_reason=o.stop_reason, token_ids=self._token_ids(o))
+                   for o in samples]
         usage = UsageInfo.of(len(final.prompt_token_ids),
                              sum(len(o.token_ids) for o in samples))
         return ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model, choices=choices,
-            usage=usage,
+            usage=usage, prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=self.s.prompt_logprobs(final, self.request.prompt_logprobs))
 
     async def chunks(self, stream: OutputStream) -> AsyncIterator[ChatCompletionChunk]:
         for index in range(self.request.n):
-            yield self._chunk([ChatStreamChoice(
+            first = self._chunk([ChatStreamChoice(
                 index=index, delta=DeltaMessage(role="assistant", content=""))])
+            first.prompt_token_ids = self.prompt_token_ids
+            yield first
+            if self.echo:
+                yield self._chunk([ChatStreamChoice(index=index,
+                                                    delta=DeltaMessage(content=self.echo))])
         prompt_tokens = completion_tokens = 0
         async for out in stream:
             prompt_tokens = len(out.prompt_token_ids)
@@ -133,7 +158,7 @@ class _ChatJob:
                 yield self._chunk([ChatStreamChoice(
                     index=sample.index, delta=DeltaMessage(content=sample.text),
                     logprobs=self._logprobs(sample), finish_reason=sample.finish_reason,
-                    stop_reason=sample.stop_reason)], usage)
+                    stop_reason=sample.stop_reason, token_ids=self._token_ids(sample))], usage)
         if self.request.include_usage:
             yield self._chunk([], UsageInfo.of(prompt_tokens, completion_tokens))
 
@@ -141,3 +166,13 @@ class _ChatJob:
                usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
                                    choices=choices, usage=usage)
+
+
+def _echo_text(request: ChatCompletionRequest) -> str:
+    """What ``echo`` puts before the answer: as in vLLM, the last message's text when its role
+    is the answer's (the assistant's, or with no generation prompt the last message's own)."""
+    if not request.echo:
+        return ""
+    last = request.messages[-1]
+    role = "assistant" if request.add_generation_prompt else last.role
+    return message_text(last.model_dump()) if last.role == role else ""

@@ -6,6 +6,7 @@ Choice ``i * n + j`` is sample ``j`` of prompt ``i``. ``echo`` prepends the prom
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
@@ -36,17 +37,23 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts = request.prompts()
         except ValueError as e:
             raise APIError(str(e), param="prompt") from None
-        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-                       for p in prompts]
+        # A long prompt takes seconds to tokenize: off the event loop.
+        token_lists = await asyncio.to_thread(
+            lambda: [self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+                     for p in prompts])
+        keep = request.truncate_prompt_tokens
+        token_lists = [self.truncate(ids, keep) for ids in token_lists]
         params = [self._params(request, ids) for ids in token_lists]
         request_id = random_id("cmpl")
         stream = await self.add(request_id, token_lists, params)
-        texts = [p if isinstance(p, str) else None for p in prompts]
+        # echo gives a truncated prompt's text from its tokens
+        texts = [p if isinstance(p, str) and keep is None else None for p in prompts]
         job = _Job(self, request, request_id, model, texts)
         return await respond(raw, job, stream, bool(request.stream))
 
     def _check(self, request: CompletionRequest) -> None:
         self.check_stream_options(request)
+        self.check_vllm_fields(request)
         if request.suffix:
             raise APIError("suffix is not supported.", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
@@ -92,6 +99,14 @@ class _Job:
         return fmt.completion(sample.token_ids, sample.logprobs or [], k, initial_offset=offset,
                               out=lp)
 
+    def _token_ids(self, out: RequestOutput, sample: CompletionOutput,
+                   with_prompt: bool) -> dict[str, list[int] | None]:
+        """vLLM's ``return_token_ids`` fields of a choice (or of its chunk)."""
+        if not self.request.return_token_ids:
+            return {}
+        return {"prompt_token_ids": list(out.prompt_token_ids) if with_prompt else None,
+                "token_ids": list(sample.token_ids)}
+
     async def response(self, stream: OutputStream) -> CompletionResponse:
         finals: dict[int, RequestOutput] = {}
         async for out in stream:
@@ -108,7 +123,7 @@ class _Job:
                     index=i * self.request.n + sample.index, text=echo + sample.text,
                     logprobs=self._logprobs(out, sample, self.request.echo),
                     finish_reason=sample.finish_reason, stop_reason=sample.stop_reason,
-                    prompt_logprobs=prompt_logprobs))
+                    prompt_logprobs=prompt_logprobs, **self._token_ids(out, sample, True)))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                   choices=choices,
                                   usage=UsageInfo.of(prompt_tokens, completion_tokens))
@@ -124,7 +139,8 @@ class _Job:
             prompt_tokens[i] = len(out.prompt_token_ids)
             for sample in out.outputs:
                 index = i * n + sample.index
-                echo = self.request.echo and index not in started
+                first = index not in started
+                echo = self.request.echo and first
                 started.add(index)
                 completion_tokens += len(sample.token_ids)
                 text = (self._echo(i, out) if echo else "") + sample.text
@@ -137,7 +153,8 @@ class _Job:
                     if self.request.continuous_usage else None
                 yield self._chunk([CompletionChoice(
                     index=index, text=text, logprobs=lp, finish_reason=sample.finish_reason,
-                    stop_reason=sample.stop_reason)], usage)
+                    stop_reason=sample.stop_reason, **self._token_ids(out, sample, first))],
+                    usage)
         if self.request.include_usage:
             yield self._chunk([], UsageInfo.of(sum(prompt_tokens.values()), completion_tokens))
 
