@@ -252,6 +252,9 @@ class AsyncLLM:
         self._send(_STOP, quiet=True)
         self._thread.join(timeout)
         self.client.shutdown()
+        if not self._thread.is_alive():
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _send(self, command: Any, quiet: bool = False) -> None:
         with self._lock:  # the front-end thread marks itself dead under this lock
