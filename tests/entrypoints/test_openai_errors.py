@@ -45,6 +45,10 @@ def _assert_still_serving(server: Server) -> None:
     ("/v1/completions", {"prompt": "Hi", "temperature": -1}, 400, ["temperature"]),
     ("/v1/completions", {"prompt": "Hi", "top_p": 0}, 400, ["top_p"]),
     ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, ["n must"]),
+    # n is bounded by max_num_seqs (64 here): n=1000 ran for minutes.
+    ("/v1/completions", {"prompt": "Hi", "n": 1000}, 400, ["n must", "64"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 65}, 400,
+     ["n must", "64"]),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400, ["max_tokens"]),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": "many"}, 400, ["max_tokens"]),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, 400, ["logprobs", "20"]),

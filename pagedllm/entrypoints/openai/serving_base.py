@@ -85,6 +85,13 @@ class OpenAIServing:
             raise APIError(f"truncate_prompt_tokens must be -1 or between 1 and max_model_len "
                            f"({self.max_model_len}), got {n}.", param="truncate_prompt_tokens")
 
+    def check_n(self, n: int) -> None:
+        # vLLM's bound (VLLM_MAX_N_SEQUENCES) is 16384; n samples beyond what one batch holds
+        # would run in waves for minutes while holding the request open.
+        limit = self.engine.config.scheduler.max_num_seqs
+        if n > limit:
+            raise APIError(f"n must be at most max_num_seqs ({limit}), got {n}.", param="n")
+
     def truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
         """The last ``keep`` tokens (vLLM's ``truncate_prompt_tokens``; -1: max_model_len)."""
         if keep is None:

@@ -81,6 +81,7 @@ class OpenAIServingChat(OpenAIServing):
     def _check(self, request: ChatCompletionRequest) -> None:
         self.check_stream_options(request)
         self.check_vllm_fields(request)
+        self.check_n(request.n)
         if request.tools:
             raise APIError("tools are not supported.", param="tools")
         fmt = (request.response_format or {}).get("type", "text")

@@ -54,6 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
     def _check(self, request: CompletionRequest) -> None:
         self.check_stream_options(request)
         self.check_vllm_fields(request)
+        self.check_n(request.n)
         if request.suffix:
             raise APIError("suffix is not supported.", param="suffix")
         if request.best_of is not None and request.best_of != request.n:
