@@ -190,3 +190,16 @@ def test_chat_echo_and_continue_final_message(server: Server) -> None:
     both = _post(server, "/v1/chat/completions", {"messages": conversation,
                                                   "continue_final_message": True})
     assert both.status_code == 400 and "continue_final_message" in both.json()["error"]["message"]
+
+
+@pytest.mark.xfail(strict=True, reason="pagedllm/core/scheduler.py _check_stop tests max_tokens "
+                   "before stop tokens; vLLM tests stop tokens first")
+def test_a_stop_token_as_the_last_allowed_token_is_a_stop(server: Server) -> None:
+    args = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    greedy = _ok(server, "/v1/completions", args)["choices"][0]["token_ids"]
+    last = greedy[-1]
+    assert last not in greedy[:-1]
+    choice = _ok(server, "/v1/completions", {**args, "stop_token_ids": [last]})["choices"][0]
+    assert choice["token_ids"] == greedy
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", last)
