@@ -1,4 +1,4 @@
-"""The ``pagedllm`` command: serve | generate | chat | bench {serve,throughput,sweep} | plan.
+"""The ``pagedllm`` command: serve | generate | bench {serve,throughput,sweep} | plan.
 
 Each subcommand's module provides ``add_cli_args(parser)`` and ``main(args) -> int``; they are
 imported only when their subcommand runs, so ``pagedllm --help`` stays fast.
