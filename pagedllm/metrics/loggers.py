@@ -71,7 +71,8 @@ class LoggingStatLogger:
                 f"Avg generation throughput: {self._generation_tokens / elapsed:.1f} tokens/s, "
                 f"Running: {s.num_running_reqs} reqs, Waiting: {s.num_waiting_reqs} reqs, "
                 f"Preemptions: {self._preemptions}, "
-                f"GPU KV cache usage: {100.0 * s.kv_cache_usage:.1f}%, "
+                # vLLM's line says "GPU KV cache usage"; the cache may be on the CPU here
+                f"KV cache usage: {100.0 * s.kv_cache_usage:.1f}%, "
                 f"Prefix cache hit rate: {hit_rate:.1f}%")
 
     def start_interval(self, now: float | None = None) -> None:
