@@ -50,8 +50,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     server.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     server.add_argument("--api-key", default=None,
-                        help="Require 'Authorization: Bearer <key>' on every endpoint but "
-                             "/health, /metrics and /version. Default: $PAGEDLLM_API_KEY.")
+                        help="Require 'Authorization: Bearer <key>' on the /v1 endpoints (as "
+                             "vLLM does). Default: $PAGEDLLM_API_KEY.")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true",

@@ -1,4 +1,7 @@
-"""API key check: ``Authorization: Bearer <key>`` on every path but the operational ones.
+"""API key check: ``Authorization: Bearer <key>`` on the OpenAI API (``/v1/...``) only.
+
+As in vLLM, whose middleware checks only paths under ``/v1``: ``/health``, ``/metrics``,
+``/version``, ``/docs``, ``/openapi.json``, ``/tokenize`` and ``/detokenize`` are open.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``), so streaming responses and
 client disconnects pass through untouched.
@@ -12,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedllm.entrypoints.openai.errors import error_response
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+PROTECTED_PREFIX = "/v1"
 
 
 class APIKeyMiddleware:
@@ -22,7 +25,7 @@ class APIKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" \
-                or scope.get("path", "") in OPEN_PATHS or self._authorized(scope):
+                or not _protected(scope.get("path", "")) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         response = error_response("Invalid or missing API key: send 'Authorization: Bearer "
@@ -34,3 +37,7 @@ class APIKeyMiddleware:
             if name == b"authorization":
                 return secrets.compare_digest(value, self._expected)
         return False
+
+
+def _protected(path: str) -> bool:
+    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
