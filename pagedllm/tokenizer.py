@@ -73,7 +73,9 @@ class Tokenizer:
         """Raises ValueError for text that is not valid Unicode (a lone surrogate, which JSON's
         ``\\ud800`` escapes can carry): a client's mistake, not a server failure."""
         try:
-            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+            # encode_batch releases the GIL while it works (encode does not): a 5 MB prompt
+            # must not stall the server's other threads for seconds.
+            ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except TypeError:
             try:
                 text.encode("utf-8")

@@ -232,16 +232,16 @@ class Scheduler:
         return progressed
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        """A stop token ends the request as "stop" even when it is also the last token allowed
+        (as vLLM reports it); min_tokens holds back stop tokens, never the length limit."""
         params, num_output = req.sampling_params, req.num_output_tokens
+        if num_output >= params.min_tokens and (token in params.stop_token_ids or (
+                not params.ignore_eos and token in params.all_stop_token_ids)):
+            req.stop_reason = token if token in params.stop_token_ids else None
+            return RequestStatus.FINISHED_STOPPED
         if req.num_tokens >= self.config.max_model_len or (
                 params.max_tokens is not None and num_output >= params.max_tokens):
             return RequestStatus.FINISHED_LENGTH
-        if num_output < params.min_tokens:
-            return None
-        if token in params.stop_token_ids or (
-                not params.ignore_eos and token in params.all_stop_token_ids):
-            req.stop_reason = token if token in params.stop_token_ids else None
-            return RequestStatus.FINISHED_STOPPED
         return None
 
     def finish(self, req: Request, status: RequestStatus) -> None:

@@ -298,9 +298,12 @@ def test_a_stop_token_may_be_the_min_tokens_th_token() -> None:
     assert req.status.finish_reason == "stop"
 
 
-def test_max_tokens_wins_over_eos_on_the_same_token() -> None:
+def test_eos_on_the_last_allowed_token_is_a_stop() -> None:
+    """As vLLM reports it: the model chose to stop, whatever the length limit."""
     req = generate(make_request("a", 5, max_tokens=2), [10, EOS])
-    assert req.status.finish_reason == "length"
+    assert req.status.finish_reason == "stop"
+    req = generate(make_request("b", 5, max_tokens=2, stop_token_ids=[11]), [10, 11])
+    assert (req.status.finish_reason, req.stop_reason) == ("stop", 11)
 
 
 def test_reaching_max_model_len_finishes_with_length() -> None:

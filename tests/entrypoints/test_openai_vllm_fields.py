@@ -69,8 +69,6 @@ def test_tokenize_token_strs_and_tokenizer_info(server: Server) -> None:
     assert info.status_code == 404 and "tokenizer_info" in info.json()["error"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="Tokenizer.encode (pagedllm/tokenizer.py) holds the GIL "
-                   "while the tokenizers backend works; backend.encode_batch releases it")
 def test_a_long_tokenize_does_not_stall_the_server(server: Server) -> None:
     import threading
     import time
@@ -192,8 +190,6 @@ def test_chat_echo_and_continue_final_message(server: Server) -> None:
     assert both.status_code == 400 and "continue_final_message" in both.json()["error"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="pagedllm/core/scheduler.py _check_stop tests max_tokens "
-                   "before stop tokens; vLLM tests stop tokens first")
 def test_a_stop_token_as_the_last_allowed_token_is_a_stop(server: Server) -> None:
     args = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True}
