@@ -33,7 +33,6 @@ class LLMEngine:
         self.input_processor = frontend.input_processor
         self.model_name = frontend.model_name
         self.vocab_size = frontend.vocab_size
-        self._stats: EngineStats | None = None
 
     @classmethod
     def from_engine_args(cls, engine_process: bool = False, **kwargs: Any) -> LLMEngine:
@@ -69,14 +68,12 @@ class LLMEngine:
         return self.frontend.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        message = self.client.get_output()
-        self._stats = message.stats
-        result = self.frontend.process(message, time.monotonic())
+        result = self.frontend.process(self.client.get_output(), time.monotonic())
         if result.to_abort:
             self.client.abort_requests(result.to_abort)
         for request_id, error in result.errors.items():
+            # Its output ends with finish reason "error"; its other samples (n > 1) go on.
             logger.error("Request %s failed in the engine: %s", request_id, error)
-            self.abort_request([request_id])  # its other samples, if any
         return result.outputs
 
     def get_stats(self) -> EngineStats:

@@ -354,3 +354,33 @@ def test_engine_limits_are_checked_at_generate(llm, field, kwargs):
                      use_tqdm=False)
     _assert_pool_whole(llm)  # the good request queued before it was taken back
     assert llm.engine.config.model.max_logprobs == 20
+
+
+def test_a_failing_sample_ends_alone_offline(llm, tok) -> None:
+    """Offline, a request that fails inside the core comes back with finish reason "error"; the
+    other requests of its steps, and the other sample of its own n = 2 request, finish whole."""
+    story_ids = tok.encode(STORY)
+    runner = llm.engine.core.runner
+
+    def launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
+        known = {**runner.requests, **{d.request_id: d for d in sched.new_requests}}
+        if any(known[s.request_id].prompt_token_ids == story_ids and s.request_id.endswith("-1")
+               for s in sched.scheduled):
+            raise RuntimeError("injected failure")
+        return type(runner).launch(runner, sched)
+
+    runner.launch = launch
+    try:
+        france, story = llm.generate(
+            [FRANCE, STORY],
+            [GREEDY, SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=REF_TOKENS,
+                                    ignore_eos=True)], use_tqdm=False)
+    finally:
+        del runner.launch
+    assert france.outputs[0].finish_reason == "length"
+    assert len(france.outputs[0].token_ids) == REF_TOKENS
+    first, second = story.outputs
+    assert first.finish_reason == "length" and len(first.token_ids) == REF_TOKENS
+    assert second.finish_reason == "error"
+    _assert_pool_whole(llm)
+    assert not llm.engine.core.scheduler.requests  # nothing left behind
