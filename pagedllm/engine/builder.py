@@ -91,12 +91,13 @@ def build_core(kwargs: dict[str, Any]) -> EngineCore:
             _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes,
                                         image_config)
     plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
-                                config.model.max_model_len, kv_bytes)
+                                config.model.max_model_len, kv_bytes,
+                                config.scheduler.max_num_batched_tokens)
     memory.log_kv_cache_plan(plan, logger, device.type)
     runner.allocate_kv_cache(plan.num_blocks)
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
-    return EngineCore(config, runner, plan.num_blocks)
+    return EngineCore(config, runner, plan.num_blocks, plan.sliding_window)
 
 
 def image_processor_config(source: ModelSource, config: EngineConfig) -> ImageProcessorConfig:

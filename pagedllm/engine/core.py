@@ -41,13 +41,16 @@ _REASONS = {RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, num_blocks: int,
+                 sliding_window: int = 0) -> None:
+        """``sliding_window``: every attention layer's window (0: full attention somewhere);
+        the KV cache manager frees the blocks a request's queries no longer reach."""
         self.config = config
         self.runner = runner
         flag = config.scheduler.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if flag is None else flag
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size,
-                                       config.cache.enable_prefix_caching)
+                                       config.cache.enable_prefix_caching, sliding_window)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.requests: dict[str, Request] = {}
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None

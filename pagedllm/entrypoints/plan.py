@@ -183,10 +183,11 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
     params = mem.count_parameters(arch)
     memory = _memory(arch, s, params + vision_params, total, free, warnings, errors)
     plan = mem.KVCachePlan.from_budget(arch, s.dtype, s.block_size, s.max_model_len,
-                                       memory["kv_budget_bytes"])
+                                       memory["kv_budget_bytes"], s.max_num_batched_tokens)
     try:
         if memory["kv_budget_bytes"] > 0:
-            mem.plan_kv_cache(arch, s.dtype, s.block_size, s.max_model_len, plan.kv_cache_bytes)
+            mem.plan_kv_cache(arch, s.dtype, s.block_size, s.max_model_len, plan.kv_cache_bytes,
+                              s.max_num_batched_tokens)
     except ValueError as err:
         errors.append(str(err) + _memory_fix(plan, memory))
     budget = s.max_num_batched_tokens
@@ -200,6 +201,10 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
         "kv_cache": {"bytes": plan.kv_cache_bytes, "gib": round(plan.kv_cache_bytes / GiB, 2),
                      "tokens": plan.num_tokens, "blocks": plan.num_blocks,
                      "max_model_len": s.max_model_len,
+                     # Concurrency counts what a request holds: with a window on every layer,
+                     # the blocks of window - 1 + max_num_batched_tokens positions at most.
+                     "sliding_window": plan.sliding_window,
+                     "tokens_held_per_request": plan.tokens_held(s.max_model_len),
                      "max_concurrency": round(plan.max_concurrency, 2),
                      "largest_fitting_len": plan.largest_fitting_len},
         "concurrency": [_concurrency(plan, n, s.max_num_seqs)
@@ -222,7 +227,7 @@ def _memory_fix(plan: mem.KVCachePlan, memory: dict[str, Any]) -> str:
     """How much GPU memory one max_model_len request needs, when sized by utilization."""
     if memory["kv_cache_source"] != "gpu_memory_utilization":
         return ""
-    blocks = math.ceil(plan.max_model_len / plan.block_size)
+    blocks = math.ceil(plan.tokens_held(plan.max_model_len) / plan.block_size)
     needed = memory["non_kv_bytes"] + blocks * plan.bytes_per_block
     util = math.ceil(needed / memory["total_bytes"] * 100) / 100
     return (f" --gpu-memory-utilization {util} would fit it." if util <= 1 else
@@ -234,7 +239,7 @@ def _upto(lengths: tuple[int, ...], max_len: int) -> list[int]:
 
 
 def _concurrency(plan: mem.KVCachePlan, length: int, max_num_seqs: int) -> dict[str, Any]:
-    per_request = math.ceil(length / plan.block_size)
+    per_request = math.ceil(plan.tokens_held(length) / plan.block_size)
     return {"tokens_per_request": length, "max_concurrency": round(plan.concurrency_at(length), 2),
             "running_at_once": min(max_num_seqs, plan.num_blocks // per_request)}
 
@@ -306,7 +311,11 @@ def render_table(r: dict[str, Any]) -> str:
     lines += [f"  = KV cache ({m['kv_cache_source']}): {kv['gib']:.2f} GiB, {kv['tokens']:,} "
               f"tokens, {kv['blocks']:,} blocks", "",
               f"Maximum concurrency for {kv['max_model_len']:,} tokens per request: "
-              f"{kv['max_concurrency']:.2f}x", "  tokens/request  concurrency  running at once"]
+              f"{kv['max_concurrency']:.2f}x"]
+    if kv["sliding_window"] and kv["tokens_held_per_request"] < kv["max_model_len"]:
+        lines.append(f"  (sliding window of {kv['sliding_window']:,} on every layer: a request "
+                     f"holds at most {kv['tokens_held_per_request']:,} tokens of KV cache)")
+    lines.append("  tokens/request  concurrency  running at once")
     lines += [f"  {c['tokens_per_request']:>14,}  {c['max_concurrency']:>10.2f}x  "
               f"{c['running_at_once']:>15}" for c in r["concurrency"]]
     chunked = "on" if b["enable_chunked_prefill"] else "off"

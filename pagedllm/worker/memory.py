@@ -209,6 +209,14 @@ def cuda_graph_reserve_estimate(arch: ModelArch, dtype: str | torch.dtype,
     return max(phases.values()) + len(capture_sizes) * CUDA_GRAPH_BYTES_PER_SIZE
 
 
+def kv_sliding_window(arch: ModelArch) -> int:
+    """The window the KV cache manager may free blocks behind: the largest window when every
+    layer slides (a block out of it is out of every layer's), 0 when any layer attends to the
+    whole context (Gemma 2/3 alternate: their blocks are all kept, see KVCacheManager)."""
+    windows = {arch.sliding_window(i) for i in range(arch.num_layers)}
+    return 0 if 0 in windows else max(windows)
+
+
 @dataclass(frozen=True)
 class KVCachePlan:
     block_size: int
@@ -217,15 +225,24 @@ class KVCachePlan:
     kv_cache_bytes: int  # num_blocks x bytes_per_block (the budget rounded down to blocks)
     num_tokens: int  # num_blocks x block_size
     max_model_len: int
+    sliding_window: int = 0  # every layer's window (kv_sliding_window); 0: full attention
+    # Positions a request holds at most with a sliding window: its window (less the query)
+    # and one step's tokens, window - 1 + max_num_batched_tokens, as vLLM counts them.
+    window_tokens: int = 0
 
     @classmethod
     def from_budget(cls, arch: ModelArch, dtype: str | torch.dtype, block_size: int,
-                    max_model_len: int, kv_cache_bytes: int) -> KVCachePlan:
-        """As many whole blocks as ``kv_cache_bytes`` holds, without checking they suffice."""
+                    max_model_len: int, kv_cache_bytes: int,
+                    max_num_batched_tokens: int = 0) -> KVCachePlan:
+        """As many whole blocks as ``kv_cache_bytes`` holds, without checking they suffice.
+        ``max_num_batched_tokens`` bounds what a sliding-window request holds (0: unbounded)."""
         per_block = kv_bytes_per_token(arch, dtype) * block_size
         blocks = max(kv_cache_bytes, 0) // per_block
+        window = kv_sliding_window(arch)
+        window_tokens = window - 1 + max_num_batched_tokens if window and \
+            max_num_batched_tokens else 0
         return cls(block_size, per_block, blocks, blocks * per_block, blocks * block_size,
-                   max_model_len)
+                   max_model_len, window, window_tokens)
 
     @property
     def max_concurrency(self) -> float:
@@ -233,21 +250,35 @@ class KVCachePlan:
         return self.concurrency_at(self.max_model_len)
 
     def concurrency_at(self, tokens_per_request: int) -> float:
-        return self.num_tokens / tokens_per_request
+        return self.num_tokens / self.tokens_held(tokens_per_request)
+
+    def tokens_held(self, tokens_per_request: int) -> int:
+        """KV slots a request holds at most: one per token, or with a sliding window on every
+        layer, the blocks of ``window_tokens`` positions, plus one where they straddle a block
+        boundary (the manager frees the blocks left of the window)."""
+        if not self.window_tokens:
+            return tokens_per_request
+        blocks = -(-self.window_tokens // self.block_size) + 1
+        return min(tokens_per_request, blocks * self.block_size)
 
     @property
     def largest_fitting_len(self) -> int:
-        """The longest request (prompt + output) the whole cache can hold."""
+        """The longest request (prompt + output) the whole cache can hold (with a sliding
+        window: the cache's tokens, or max_model_len if a longer request fits anyway)."""
+        if self.tokens_held(self.max_model_len) <= self.num_tokens:
+            return max(self.num_tokens, self.max_model_len)
         return self.num_tokens
 
 
 def plan_kv_cache(arch: ModelArch, dtype: str | torch.dtype, block_size: int,
-                  max_model_len: int, kv_cache_bytes: int) -> KVCachePlan:
+                  max_model_len: int, kv_cache_bytes: int,
+                  max_num_batched_tokens: int = 0) -> KVCachePlan:
     """Blocks for ``kv_cache_bytes``; raises ValueError when one max_model_len-token request
     does not fit."""
-    plan = KVCachePlan.from_budget(arch, dtype, block_size, max_model_len, kv_cache_bytes)
-    if plan.num_tokens < max_model_len:
-        needed = math.ceil(max_model_len / block_size) * plan.bytes_per_block
+    plan = KVCachePlan.from_budget(arch, dtype, block_size, max_model_len, kv_cache_bytes,
+                                   max_num_batched_tokens)
+    if plan.num_tokens < plan.tokens_held(max_model_len):
+        needed = math.ceil(plan.tokens_held(max_model_len) / block_size) * plan.bytes_per_block
         raise ValueError(
             f"The model's max seq len ({max_model_len}) is larger than the maximum number of "
             f"tokens that can be stored in KV cache ({plan.num_tokens}): one request needs "
@@ -307,5 +338,9 @@ def log_kv_cache_plan(plan: KVCachePlan, logger: logging.Logger, device: str = "
     prefix = "GPU " if device.startswith("cuda") else ""
     logger.info("Available KV cache memory: %.2f GiB", plan.kv_cache_bytes / GiB)
     logger.info("%sKV cache size: %s tokens", prefix, f"{plan.num_tokens:,}")
+    if plan.window_tokens:  # vLLM's figure too: what a sliding-window request holds at most
+        logger.info("Sliding window of %d on every layer: a request holds at most %s KV cache "
+                    "tokens (blocks of window - 1 + max_num_batched_tokens)", plan.sliding_window,
+                    f"{plan.tokens_held(plan.max_model_len):,}")
     logger.info("Maximum concurrency for %s tokens per request: %.2fx",
                 f"{plan.max_model_len:,}", plan.max_concurrency)

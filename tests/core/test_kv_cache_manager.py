@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pagedllm.core.kv_cache_manager import KVCacheManager, hash_block
+from pagedllm.core.kv_cache_manager import PLACEHOLDER_BLOCK_ID, KVCacheManager, hash_block
 from pagedllm.core.request import Request
 from pagedllm.sampling_params import SamplingParams
 
@@ -208,3 +208,87 @@ def test_free_returns_tail_first_and_leaks_nothing() -> None:
     assert all(blk.ref_cnt == 0 for blk in kv.pool.blocks)
     kv.free(reqs[0])  # freeing a request that holds nothing is harmless
     assert kv.num_free_blocks == 12
+
+
+# -- sliding window on every layer: blocks out of the window go back to the pool -------------
+# A query at p sees keys in (p - window, p]; the next query is at num_computed_tokens, so the
+# blocks ending at or before num_computed_tokens - window are read by no future query.
+
+P = PLACEHOLDER_BLOCK_ID
+
+
+def decode(kv: KVCacheManager, req: Request, n: int = 1) -> None:
+    """n decode steps: a sampled token, then its KV computed."""
+    for _ in range(n):
+        req.output_token_ids.append(7)
+        assert kv.allocate(req, 1)
+        req.num_computed_tokens += 1
+
+
+def test_blocks_out_of_the_window_are_freed_as_computation_advances() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=False, sliding_window=6)
+    req = make_request("r", range(8))
+    admit(kv, req)  # the prompt's queries at 0..7 reach back to position 0: both blocks kept
+    assert kv.block_ids("r") == [0, 1] and kv.num_free_blocks == 8
+    decode(kv, req)  # the query at 8 sees 3..8: block 0 (0..3) still read
+    assert kv.block_ids("r") == [0, 1, 2] and kv.num_free_blocks == 7
+    decode(kv, req)  # the query at 9 sees 4..9: block 0 ends at 3 = 9 - 6
+    assert kv.block_ids("r") == [P, 1, 2] and kv.held_block_ids("r") == [1, 2]
+    assert kv.num_free_blocks == 8
+    decode(kv, req, 4)  # the query at 13 sees 8..13: blocks 0 and 1 are out
+    assert kv.block_ids("r") == [P, P, 2, 3] and kv.num_free_blocks == 8
+    decode(kv, req, 8)  # the table keeps its length; at most ceil(6 / 4) + 1 blocks held
+    assert len(kv.block_ids("r")) == 6 and len(kv.held_block_ids("r")) <= 3
+    kv.free(req)
+    assert kv.num_free_blocks == 10 and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_a_chunk_frees_the_blocks_left_of_its_first_query_window() -> None:
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=False, sliding_window=4)
+    req = make_request("r", range(40))
+    assert kv.allocate(req, 16)
+    req.num_computed_tokens = 16
+    assert kv.allocate(req, 16)  # queries 16..31 see from 13 on: blocks 0..2 (0..11) are out
+    assert kv.block_ids("r")[:4] == [P, P, P, 3] and kv.num_free_blocks == 10 - 5
+
+
+def test_a_shared_block_is_only_dereferenced() -> None:
+    """A prefix hit out of the window is never taken, and a block another request still holds
+    stays out of the free queue when one of its holders drops it."""
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=True, sliding_window=4)
+    a = make_request("a", range(13))
+    admit(kv, a)  # blocks 0..3, three of them full and cached
+    b = make_request("b", [*range(12), 99, 98])
+    assert admit(kv, b) == 12  # queries at 12, 13 see from 9 on: hits 0 and 1 are not taken
+    assert kv.block_ids("b") == [P, P, 2, 4]
+    assert [kv.pool.blocks[i].ref_cnt for i in range(4)] == [1, 1, 2, 1]
+    decode(kv, a, 3)  # a's query at 15 sees 12..15: a drops blocks 0..2, b keeps block 2
+    assert kv.block_ids("a")[:3] == [P, P, P]
+    assert [kv.pool.blocks[i].ref_cnt for i in range(4)] == [0, 0, 1, 1]
+    assert kv.num_free_blocks == 10 - 3  # blocks 2 (b), 3 (a) and 4 (b)
+    kv.free(a)
+    kv.free(b)
+    assert kv.num_free_blocks == 10 and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+    # Dropped blocks keep their hashes in the free queue: the whole prompt hits again.
+    c = make_request("c", [*range(12), 5])
+    assert admit(kv, c) == 12
+
+
+def test_every_held_block_is_returned_once_after_drops() -> None:
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_caching=True, sliding_window=5)
+    req = make_request("r", range(6))
+    admit(kv, req)
+    decode(kv, req, 10)
+    assert kv.num_free_blocks == 6 - len(kv.held_block_ids("r"))
+    kv.free(req)  # preemption, abort and finish all free this way
+    assert kv.block_ids("r") == [] and kv.held_block_ids("r") == []
+    assert kv.num_free_blocks == 6 and all(b.ref_cnt == 0 for b in kv.pool.blocks)
+
+
+def test_without_a_window_every_block_is_kept() -> None:
+    """Full attention on any layer (window 0, Gemma 2/3's mix too) reads the whole context."""
+    kv = KVCacheManager(num_blocks=10, block_size=4, enable_caching=False)
+    req = make_request("r", range(8))
+    admit(kv, req)
+    decode(kv, req, 12)
+    assert kv.block_ids("r") == list(range(5)) and kv.num_free_blocks == 5

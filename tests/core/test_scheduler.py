@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import pytest
 
 from pagedllm.config import SchedulerConfig
-from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.kv_cache_manager import PLACEHOLDER_BLOCK_ID, KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler, SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
@@ -20,11 +20,11 @@ EOS = 2
 
 def make_scheduler(*, num_blocks: int = 64, block_size: int = 16, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 64, max_model_len: int = 64,
-                   chunked: bool = True, caching: bool = True) -> Scheduler:
+                   chunked: bool = True, caching: bool = True, window: int = 0) -> Scheduler:
     config = SchedulerConfig(max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
                              enable_chunked_prefill=chunked, max_model_len=max_model_len)
-    return Scheduler(config, KVCacheManager(num_blocks, block_size, caching))
+    return Scheduler(config, KVCacheManager(num_blocks, block_size, caching, window))
 
 
 def make_request(request_id: str, num_prompt: int, *, first: int | None = None,
@@ -427,6 +427,24 @@ def test_debug_line_per_step(caplog: pytest.LogCaptureFixture) -> None:
 # -- randomized stress ---------------------------------------------------------------------
 
 
+def held_block_ids(kv: KVCacheManager, req: Request) -> list[int]:
+    """The blocks the request references: its table after the slots out of the window, which
+    are placeholders."""
+    ids, held = kv.block_ids(req.request_id), kv.held_block_ids(req.request_id)
+    num_dropped = len(ids) - len(held)
+    assert ids[:num_dropped] == [PLACEHOLDER_BLOCK_ID] * num_dropped
+    assert ids[num_dropped:] == held
+    return held
+
+
+def out_of_window(kv: KVCacheManager, num_computed: int) -> int:
+    """Leading blocks no query at num_computed or later sees: those ending at or before
+    num_computed - window, as a query at p sees (p - window, p]."""
+    if not kv.sliding_window:
+        return 0
+    return max(num_computed - kv.sliding_window + 1, 0) // kv.block_size
+
+
 def check_invariants(sched: Scheduler, out: SchedulerOutput,
                      live: list[Request]) -> None:
     cfg, kv = sched.config, sched.kv_cache
@@ -442,23 +460,27 @@ def check_invariants(sched: Scheduler, out: SchedulerOutput,
         assert s.num_computed_tokens + s.num_new_tokens == req.num_computed_tokens
         assert req.num_computed_tokens <= req.num_tokens + req.num_pending
         assert len(s.block_ids) == -(-req.num_computed_tokens // kv.block_size)
+        # Dropped when the step is scheduled: every block out of its first query's window.
+        num_held = len(kv.held_block_ids(s.request_id))
+        assert len(s.block_ids) - num_held == out_of_window(kv, s.num_computed_tokens)
     # Every held block is referenced exactly once per holder, and nothing else is held.
     holders: dict[int, int] = {}
     for req in live:
-        for block_id in kv.block_ids(req.request_id):
+        for block_id in held_block_ids(kv, req):
             holders[block_id] = holders.get(block_id, 0) + 1
     for block in kv.pool.blocks:
         assert block.ref_cnt == holders.get(block.block_id, 0)
     assert kv.num_free_blocks == kv.pool.num_blocks - len(holders)
     if not kv.enable_caching:
-        assert sum(len(kv.block_ids(r.request_id)) for r in live) == len(holders)
+        assert sum(len(held_block_ids(kv, r)) for r in live) == len(holders)
 
 
 def write_and_read_kv(kv_store: dict[int, list[tuple[int, ...] | None]], out: SchedulerOutput,
-                      block_size: int, requests: dict[str, Request]) -> None:
+                      block_size: int, requests: dict[str, Request], window: int = 0) -> None:
     """A fake model: a token's K/V depends on it and every token before it, so each slot gets
     the token's whole prefix. Writes every scheduled token's slot, then checks that every
-    scheduled request reads its own prefixes in all its slots (prefix-cache hits included)."""
+    scheduled request reads its own prefixes in all the slots its queries see (prefix-cache hits
+    included): all of them, or with a window, those from its first query's window on."""
     for s in out.scheduled:
         req = requests[s.request_id]
         start = s.num_computed_tokens
@@ -468,21 +490,27 @@ def write_and_read_kv(kv_store: dict[int, list[tuple[int, ...] | None]], out: Sc
     for s in out.scheduled:
         req = requests[s.request_id]
         end = s.num_computed_tokens + s.num_new_tokens
-        for pos in range(end):
+        first = max(s.num_computed_tokens - window + 1, 0) if window else 0
+        for pos in range(first, end):
             seen = kv_store[s.block_ids[pos // block_size]][pos % block_size]
             assert seen == tuple(req.token_ids(0, pos + 1)), \
                 f"{req.request_id} reads wrong KV at position {pos}"
 
 
-@pytest.mark.parametrize(("chunked", "caching", "seed"),
-                         [(True, True, 0), (True, False, 1), (False, True, 2),
-                          (False, False, 3), (True, True, 4)])
-def test_randomized_stress(chunked: bool, caching: bool, seed: int) -> None:
+@pytest.mark.parametrize(("chunked", "caching", "seed", "window"),
+                         [(True, True, 0, 0), (True, False, 1, 0), (False, True, 2, 0),
+                          (False, False, 3, 0), (True, True, 4, 0),
+                          # every layer slides: blocks left of the window go back to the pool
+                          (True, True, 5, 6), (True, False, 6, 5), (False, True, 10, 9),
+                          (True, True, 8, 2), (True, True, 9, 12)])
+def test_randomized_stress(chunked: bool, caching: bool, seed: int, window: int) -> None:
     rng = random.Random(seed)
     block_size, max_model_len = 4, 48
-    sched = make_scheduler(num_blocks=20, block_size=block_size, max_num_seqs=6,
-                           max_num_batched_tokens=48, max_model_len=max_model_len,
-                           chunked=chunked, caching=caching)
+    # 12 blocks hold one 48-token prompt computed at once, as a window needs too.
+    sched = make_scheduler(num_blocks=12 if window else 20, block_size=block_size,
+                           max_num_seqs=6, max_num_batched_tokens=48,
+                           max_model_len=max_model_len, chunked=chunked, caching=caching,
+                           window=window)
     prefixes = [[rng.randrange(3, 50) for _ in range(12)] for _ in range(3)]
     pieces = [[rng.randrange(3, 50) for _ in range(block_size)] for _ in range(2)]
     live: list[Request] = []
@@ -513,7 +541,7 @@ def test_randomized_stress(chunked: bool, caching: bool, seed: int) -> None:
             sched.finish(victim, RequestStatus.FINISHED_ABORTED)
         out = sched.schedule()
         check_invariants(sched, out, live)
-        write_and_read_kv(kv_store, out, block_size, sched.requests)
+        write_and_read_kv(kv_store, out, block_size, sched.requests, window)
         sampled = [rng.choice([EOS, 5, 6, 7, 8, 9, 10, 11]) for s in out.scheduled if s.samples]
         sched.update_from_output(out, sampled)
         for req in live:

@@ -149,3 +149,66 @@ def test_engine_start_up_agrees_with_the_plan(capsys: pytest.CaptureFixture,
     assert f"Maximum concurrency for 2,048 tokens per request: {kv['max_concurrency']:.2f}x" \
         in logged
     assert f"Available KV cache memory: {kv['gib']:.2f} GiB" in logged
+
+
+# Mistral-7B-v0.1's shape: a 4096 window on all 32 layers, 128 KiB of KV cache per token.
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+              "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+              "max_position_embeddings": 32768, "sliding_window": 4096, "rope_theta": 10000.0,
+              "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}
+
+
+def _config(tmp_path: Path, **config: object) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_sliding_window_on_every_layer_bounds_what_a_request_holds(
+        capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Concurrency counts what a request holds at most: the blocks of its window less the
+    query and one step's tokens (4095 + 2048 positions), one more for a straddled boundary, as
+    vLLM counts them. 2 GiB hold 16,384 tokens: a full-attention 32k request would not fit."""
+    rc, r = plan(capsys, _config(tmp_path, **MISTRAL_7B), "--gpu-memory-gib", "80",
+                 "--kv-cache-memory-bytes", str(2 * GiB))
+    assert rc == 0 and r["errors"] == []
+    kv = r["kv_cache"]
+    held = (-(-(4095 + 2048) // 16) + 1) * 16
+    assert (kv["sliding_window"], kv["tokens_held_per_request"]) == (4096, held) == (4096, 6160)
+    assert kv["tokens"] == 16_384 and kv["max_model_len"] == 32_768
+    assert kv["max_concurrency"] == round(16_384 / held, 2) == 2.66
+    rows = {c["tokens_per_request"]: c for c in r["concurrency"]}
+    assert rows[1024]["max_concurrency"] == 16.0  # shorter than the window: all its blocks
+    assert rows[32768]["running_at_once"] == 1024 // (held // 16) == 2
+    rc, out = plan(capsys, _config(tmp_path, **MISTRAL_7B), "--gpu-memory-gib", "80",
+                   "--kv-cache-memory-bytes", str(2 * GiB), fmt="table")
+    assert "sliding window of 4,096 on every layer: a request holds at most 6,160 tokens" in out
+
+
+def test_mixed_sliding_and_full_layers_hold_every_block(capsys: pytest.CaptureFixture,
+                                                        tmp_path: Path) -> None:
+    """Gemma 2's full layers read the whole context: its requests keep all their blocks."""
+    gemma2 = {**MISTRAL_7B, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+              "head_dim": 128, "max_position_embeddings": 8192}
+    rc, r = plan(capsys, _config(tmp_path, **gemma2), "--gpu-memory-gib", "80",
+                 "--kv-cache-memory-bytes", str(GiB))
+    kv = r["kv_cache"]
+    assert rc == 0 and kv["sliding_window"] == 0 and kv["tokens_held_per_request"] == 8192
+    assert kv["max_concurrency"] == 1.0
+
+
+def test_start_up_log_reports_the_sliding_window_figure(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from pagedllm.models.arch import ModelArch
+    from pagedllm.worker import memory as mem
+
+    arch = ModelArch.from_hf_config(MISTRAL_7B)
+    kv_plan = mem.plan_kv_cache(arch, "bfloat16", 16, 32768, 2 * GiB, 2048)
+    with caplog.at_level(logging.INFO):
+        mem.log_kv_cache_plan(kv_plan, logging.getLogger("pagedllm.test"))
+    assert "a request holds at most 6,160 KV cache tokens" in caplog.text
+    assert "Maximum concurrency for 32,768 tokens per request: 2.66x" in caplog.text
+    with pytest.raises(ValueError, match="max seq len"):  # full attention would not fit
+        mem.plan_kv_cache(ModelArch.from_hf_config({**MISTRAL_7B, "sliding_window": None}),
+                          "bfloat16", 16, 32768, 2 * GiB, 2048)

@@ -1,6 +1,7 @@
 """Sliding-window attention in the Llama-family decoder as transformers applies it: Mistral's
 window on every layer, Qwen2's only with use_sliding_window and from max_window_layers on, for
-prompts longer than the window, with the default schedule and in 16-token chunks."""
+prompts longer than the window, with the default schedule and in 16-token chunks; and with a
+window on every layer, the KV cache manager freeing the blocks left of it as requests run."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pagedllm import LLM
 from pagedllm.models.arch import ModelArch
 from tests.models.conftest import (
     CHUNKED,
+    MAX_TOKENS,
     hf_greedy,
     pagedllm_greedy,
     random_prompts,
@@ -81,3 +83,48 @@ def test_windows_per_layer(family: str) -> None:
 def test_family_rules(config: dict[str, Any], windows: tuple[int, ...]) -> None:
     hf = {**SHAPE, "max_position_embeddings": 4096, "architectures": ["X"], **config}
     assert ModelArch.from_hf_config(hf).sliding_windows == windows
+
+
+def _track_blocks(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Peaks, over the run, of the blocks one request holds after a prompt chunk and after a
+    decode is scheduled, and of the blocks all requests hold (the pool's used blocks)."""
+    kv = llm.engine.core.kv_cache
+    peaks = {"prefill": 0, "decode": 0, "pool": 0}
+    allocate = kv.allocate
+
+    def tracked(request: Any, num_new_tokens: int, cached: Any = ()) -> bool:
+        ok = allocate(request, num_new_tokens, cached)
+        if ok:
+            phase = "decode" if request.num_computed_tokens >= request.num_prompt_tokens \
+                else "prefill"
+            held = len(kv.held_block_ids(request.request_id))
+            peaks[phase] = max(peaks[phase], held)
+            peaks["pool"] = max(peaks["pool"], kv.pool.num_blocks - kv.num_free_blocks)
+        return ok
+
+    monkeypatch.setattr(kv, "allocate", tracked)
+    return peaks
+
+
+@pytest.mark.parametrize("window", [8, 16])
+def test_blocks_left_of_the_window_are_freed(window: int, monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Mistral slides on every layer: with prompts several windows long, greedy tokens still
+    equal transformers' while each request holds at most the blocks of its window (one more
+    where the window straddles a block boundary) and of the step's tokens."""
+    block_size = CHUNKED["block_size"]
+    prompts = random_prompts((37, 61, 90), VOCAB)
+    model = _model("mistral", sliding_window=window)
+    expected = [hf_greedy(model, p) for p in prompts]
+    folder = save_checkpoint(model, tmp_path_factory.mktemp("mistral"), VOCAB)
+    without_window = sum(-(-(len(p) + MAX_TOKENS) // block_size) for p in prompts)
+    for step_tokens, flags in ((max(map(len, prompts)), {"block_size": block_size}),
+                               (CHUNKED["max_num_batched_tokens"], CHUNKED)):
+        llm = LLM(folder, dtype="float32", kv_cache_memory_bytes=8 * 2**20, **flags)
+        peaks = _track_blocks(llm, monkeypatch)
+        assert pagedllm_greedy(llm, prompts) == expected
+        assert peaks["decode"] <= -(-window // block_size) + 1
+        assert peaks["prefill"] <= -(-(window - 1 + step_tokens) // block_size) + 1
+        assert peaks["pool"] < without_window
+        kv = llm.engine.core.kv_cache
+        assert kv.num_free_blocks == kv.pool.num_blocks
