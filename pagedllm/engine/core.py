@@ -112,9 +112,6 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self._in_flight is not None or bool(self._failed)
 
-    def reset_prefix_cache(self) -> bool:
-        return self.kv_cache.reset_prefix_cache()
-
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> EngineCoreOutputs:

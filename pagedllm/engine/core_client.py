@@ -47,7 +47,6 @@ class InprocClient:
 
     def __init__(self, engine_kwargs: dict[str, Any]) -> None:
         self.core = EngineCore.from_engine_args(**engine_kwargs)
-        self.info = self.core.info
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.core.add_request(request)
@@ -60,9 +59,6 @@ class InprocClient:
 
     def call_utility(self, method: str) -> Any:
         return getattr(self.core, method)()
-
-    def shutdown(self) -> None:
-        pass
 
 
 class MPClient:

@@ -31,7 +31,7 @@ from pagedllm.engine.serial import Decoder, Encoder, Kind
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000  # how often an idle core checks that its front end is still there
-_UTILITIES = ("get_stats", "reset_prefix_cache")
+_UTILITIES = ("get_stats",)
 
 
 class EngineCoreProc:

@@ -78,6 +78,3 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         return self.client.call_utility("get_stats")
-
-    def shutdown(self) -> None:
-        self.client.shutdown()

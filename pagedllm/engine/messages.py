@@ -95,7 +95,7 @@ class EngineCoreInfo(msgspec.Struct, array_like=True, gc=False):
 
 
 class UtilityCall(msgspec.Struct, array_like=True, gc=False):
-    """A method of ``EngineCore`` called by name between steps (stats, cache reset)."""
+    """A method of ``EngineCore`` called by name between steps (today: ``get_stats``)."""
 
     call_id: int
     method: str
@@ -103,5 +103,5 @@ class UtilityCall(msgspec.Struct, array_like=True, gc=False):
 
 class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     call_id: int
-    result: EngineStats | bool | None = None
+    result: EngineStats | None = None
     error: str | None = None
