@@ -52,7 +52,6 @@ class EngineCore:
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching, sliding_window)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.requests: dict[str, Request] = {}
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         # Requests whose sampling reads their latest tokens on the host (penalties, min_tokens,
         # logprobs): while any is unfinished, each step completes before the next is scheduled.
@@ -80,9 +79,11 @@ class EngineCore:
         in the next step's outputs."""
         rid = request.request_id
         try:
-            if rid in self.requests:
+            # The scheduler also knows a finished request whose last token is still in flight:
+            # its id is not free yet.
+            if rid in self.scheduler.requests:
                 raise ValueError(f"request id {rid!r} is already in use")
-            sibling = self.requests.get(request.wait_for) if request.wait_for else None
+            sibling = self.scheduler.requests.get(request.wait_for) if request.wait_for else None
             req = Request(rid, request.prompt_token_ids, request.sampling_params,
                           request.arrival_time, wait_for=sibling, images=request.images,
                           mrope=request.mrope)
@@ -92,25 +93,29 @@ class EngineCore:
             self._failed.append(EngineCoreOutput(rid, finish_reason=FinishReason.ERROR,
                                                  error=f"{type(e).__name__}: {e}"))
             return
-        self.requests[rid] = req
         if _reads_token_history(request.sampling_params):
             self._exact.add(rid)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Ends the requests now and frees their KV blocks; no output is sent for them."""
         for rid in request_ids:
-            req = self.requests.get(rid)
+            req = self._live(rid)
             if req is not None:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
                 self._forget(req)
 
+    def _live(self, request_id: str) -> Request | None:
+        """The request if it is unfinished."""
+        req = self.scheduler.requests.get(request_id)
+        return None if req is None or req.is_finished else req
+
     def _forget(self, req: Request) -> None:
-        del self.requests[req.request_id]
         self._exact.discard(req.request_id)
         self.runner.free_request(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._in_flight is not None or bool(self._failed)
+        return (self.scheduler.num_unfinished > 0 or self._in_flight is not None
+                or bool(self._failed))
 
     # -- the step -------------------------------------------------------------------------
 
@@ -128,7 +133,7 @@ class EngineCore:
             outputs += self._finish_in_flight()
             return self._message(outputs, first)
         for s in sched.scheduled:
-            req = self.requests[s.request_id]
+            req = self.scheduler.requests[s.request_id]
             prompt_left = req.num_prompt_tokens - s.num_computed_tokens
             if prompt_left > 0:  # a prompt chunk (a request's first step is always one)
                 self._prompt_tokens += min(prompt_left, s.num_new_tokens)
@@ -166,16 +171,16 @@ class EngineCore:
         except Exception as e:  # the device failed after launch: the step's requests end
             logger.exception("A step failed on the device; ending its %d requests",
                              len(sched.scheduled))
-            return [self._fail(s, e) for s in sched.scheduled if s.request_id in self.requests]
+            return [self._fail(s, e) for s in sched.scheduled if self._live(s.request_id)]
         return self._apply(sched, result)
 
     def _apply(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: dict[str, EngineCoreOutput] = {}
+        for rid, entries in result.prompt_logprobs:  # before the update may finish the request
+            if self._live(rid):
+                outputs[rid] = EngineCoreOutput(rid, new_prompt_logprobs=entries)
         progressed = self.scheduler.update_from_output(sched, result.sampled_token_ids)
         self._generation_tokens += len(progressed)
-        outputs: dict[str, EngineCoreOutput] = {}
-        for rid, entries in result.prompt_logprobs:
-            if rid in self.requests:
-                outputs[rid] = EngineCoreOutput(rid, new_prompt_logprobs=entries)
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
         for req in progressed:
             rid = req.request_id
@@ -187,14 +192,14 @@ class EngineCore:
                 out.new_logprobs = [entry]
             if req.is_finished:
                 out.finish_reason = _REASONS[req.status]
-                out.stop_reason = req.stop_reason if isinstance(req.stop_reason, int) else None
+                out.stop_reason = req.stop_reason
                 self._forget(req)
         return list(outputs.values())
 
     def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
         """Launching ``sched`` raised: runs each of its requests in a step of its own, so that
         only a request that fails alone ends (with the error it raised)."""
-        live = [s for s in sched.scheduled if s.request_id in self.requests]
+        live = [s for s in sched.scheduled if self._live(s.request_id)]
         if len(sched.scheduled) == 1:
             logger.error("A step of one request failed", exc_info=error)
             return [self._fail(s, error) for s in live]
@@ -203,7 +208,7 @@ class EngineCore:
         outputs: list[EngineCoreOutput] = []
         for s in live:
             # The token the step before was sampling for it is known now (applied above).
-            req, start = self.requests[s.request_id], s.num_computed_tokens
+            req, start = self.scheduler.requests[s.request_id], s.num_computed_tokens
             s = dataclasses.replace(s, token_ids=req.token_ids(
                 start, min(start + s.num_new_tokens, req.num_tokens)))
             new = [d for d in sched.new_requests if d.request_id == s.request_id]
@@ -219,7 +224,7 @@ class EngineCore:
 
     def _fail(self, s: ScheduledRequest, error: BaseException) -> EngineCoreOutput:
         """Ends the request of a failed step's row with the error."""
-        req = self.requests[s.request_id]
+        req = self.scheduler.requests[s.request_id]
         req.num_pending -= s.samples  # the failed step's token never comes
         self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
         self._forget(req)
