@@ -46,10 +46,16 @@ class FrontendParts:
     model_name: str
 
 
-def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
+def resolve_engine_args(kwargs: dict[str, Any]) -> tuple[ModelSource, ModelArch, EngineConfig]:
+    """The model's files, its architecture and the engine config: what both halves (front
+    end and core, maybe in two processes) read from the same arguments."""
     source = resolve_model(kwargs.get("model"))
     arch = ModelArch.from_hf_config(load_hf_config(source))
-    config = EngineConfig.create(arch.max_position_embeddings, **kwargs)
+    return source, arch, EngineConfig.create(arch.max_position_embeddings, **kwargs)
+
+
+def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
+    source, arch, config = resolve_engine_args(kwargs)
     try:
         tokenizer = load_tokenizer(source, config.model.chat_template)
     except FileNotFoundError:
@@ -66,9 +72,7 @@ def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
 def build_core(kwargs: dict[str, Any]) -> EngineCore:
     """Loads the model, sizes and allocates the KV cache, captures CUDA graphs."""
     start = time.perf_counter()
-    source = resolve_model(kwargs.get("model"))
-    arch = ModelArch.from_hf_config(load_hf_config(source))
-    config = EngineConfig.create(arch.max_position_embeddings, **kwargs)
+    source, arch, config = resolve_engine_args(kwargs)
     device = torch.device(config.device.resolved())
     dtype = resolve_dtype(config.model.dtype, device)
     torch.manual_seed(config.model.seed)
