@@ -42,6 +42,9 @@ class ModelConfig:
         "Jinja chat template (file path or inline) overriding the model's own."))
     max_logprobs: int = field(default=20, metadata=_help(
         "Largest logprobs / prompt_logprobs a request may ask for."))
+    quantization: str | None = field(default=None, metadata=_help(
+        "Quantize the linear layers' weights: fp8 (GPU, e4m3 with per-channel scales) or int8 "
+        "(weight-only). Default: the checkpoint's own format.", choices=["fp8", "int8"]))
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class CacheConfig:
         "Fraction of total GPU memory pagedllm may use (weights, activations, KV cache)."))
     enable_prefix_caching: bool = field(default=True, metadata=_help(
         "Reuse KV blocks of identical prompt prefixes across requests."))
+    kv_cache_dtype: str = field(default="auto", metadata=_help(
+        "KV cache storage: auto (the model dtype) or fp8 (e4m3 with a per-tensor scale).",
+        choices=["auto", "fp8", "fp8_e4m3"]))
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -140,7 +146,20 @@ class MultiModalConfig:
         return (self.limit_mm_per_prompt or {}).get("image")
 
 
-_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, MultiModalConfig)
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = field(default=1, metadata=_help(
+        "Ranks the model's layers are split over: one worker per GPU (NCCL), or per CPU "
+        "process (gloo)."))
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+
+_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, MultiModalConfig,
+             ParallelConfig)
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: DeviceConfig
     multimodal: MultiModalConfig
+    parallel: ParallelConfig
 
     @classmethod
     def create(cls, derived_max_model_len: int, **kwargs: Any) -> EngineConfig:
@@ -182,8 +202,7 @@ class EngineConfig:
             names = {f.name for f in dataclasses.fields(typ)}
             return typ(**{k: v for k, v in kwargs.items() if k in names})
 
-        return cls(section(ModelConfig), section(CacheConfig), section(SchedulerConfig),
-                   section(DeviceConfig), section(MultiModalConfig))
+        return cls(*(section(s) for s in _SECTIONS))
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.inputs import InputProcessor
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization import quantize_model
 from pagedllm.models.arch import ModelArch
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
 from pagedllm.models.registry import model_class
@@ -73,6 +74,8 @@ def build_core(kwargs: dict[str, Any]) -> EngineCore:
     """Loads the model, sizes and allocates the KV cache, captures CUDA graphs."""
     start = time.perf_counter()
     source, arch, config = resolve_engine_args(kwargs)
+    if config.cache.kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype!r} is not supported yet")
     device = torch.device(config.device.resolved())
     dtype = resolve_dtype(config.model.dtype, device)
     torch.manual_seed(config.model.seed)
@@ -166,6 +169,7 @@ def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig, devic
         init_dummy_weights(model)
     else:
         model.load_weights(iter_weights(source, dtype))
+    quantize_model(model, config.model.quantization)
     return model.eval()
 
 

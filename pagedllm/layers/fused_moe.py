@@ -5,7 +5,7 @@ The experts' weights are grouped tensors, so one kernel can index any expert:
 ``w13`` [E, 2I, H] (each expert's gate rows, then its up rows) and ``w2`` [E, H, I]. They are
 tensor-parallel ready as the MLP linears are: a rank holds its slice of the intermediate
 dimension I (gate/up rows, down columns), so its output is a partial sum that an all-reduce
-completes (the identity at world size 1). The router's weights are replicated.
+completes. The router's weights are replicated.
 
 The torch path is the CPU reference and follows transformers' arithmetic step by step (float32
 routing, the weighted outputs of a token's k experts summed, then rounded); CUDA tensors run
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.distributed.parallel_state import all_reduce, tp_rank, tp_size
 from pagedllm.layers import dispatch
 
 
@@ -56,13 +57,14 @@ class FusedMoE(nn.Module):
     """The routed experts of one sparse layer: (x [T, H], router logits [T, E]) -> [T, H]."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool, round_weights: bool, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+                 renormalize: bool, round_weights: bool) -> None:
         super().__init__()
-        assert intermediate_size % tp_size == 0
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        if intermediate_size % self.tp_size:
+            raise ValueError(f"the experts' intermediate size {intermediate_size} does not "
+                             f"split over {self.tp_size} ranks")
         self.top_k, self.renormalize, self.round_weights = top_k, renormalize, round_weights
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.shard = intermediate_size // tp_size  # this rank's intermediate columns
+        self.shard = intermediate_size // self.tp_size  # this rank's intermediate columns
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.shard, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard))
         for param in (self.w13, self.w2):
@@ -90,5 +92,4 @@ class FusedMoE(nn.Module):
             out = fused_experts_triton(x, self.w13, self.w2, weights, ids)
         else:
             out = fused_experts_reference(x, self.w13, self.w2, weights, ids)
-        # With tp_size > 1 the partial sums over intermediate shards are all-reduced here.
-        return out
+        return all_reduce(out)  # the partial sums over the ranks' intermediate shards

@@ -314,6 +314,27 @@ class ModelArch:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def kv_heads_per_rank(self, tp_size: int) -> int:
+        """The KV heads each of ``tp_size`` ranks holds (one, replicated, when there are more
+        ranks than heads)."""
+        return max(1, self.num_kv_heads // tp_size)
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raises ValueError, naming the number, if the layers cannot split over ``tp_size``
+        ranks (the vocabulary always can: it is padded)."""
+        splits = {"attention heads (num_attention_heads)": self.num_heads,
+                  "MLP width (intermediate_size)": self.intermediate_size}
+        if self.moe is not None:
+            splits["experts' width (moe_intermediate_size)"] = self.moe.intermediate_size
+        for what, n in splits.items():
+            if n % tp_size:
+                raise ValueError(f"Total number of {what} ({n}) must be divisible by tensor "
+                                 f"parallel size ({tp_size}).")
+        kv = self.num_kv_heads
+        if kv % tp_size and tp_size % kv:
+            raise ValueError(f"Total number of key-value heads ({kv}) must be divisible by, or "
+                             f"divide, tensor parallel size ({tp_size}).")
+
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5

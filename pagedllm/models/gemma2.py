@@ -50,7 +50,7 @@ class Gemma2Model(DecoderModel):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        return x * torch.tensor(self.embed_tokens.embedding_dim ** 0.5, dtype=x.dtype)
+        return x * torch.tensor(self.embed_tokens.weight.shape[1] ** 0.5, dtype=x.dtype)
 
 
 class Gemma2ForCausalLM(DecoderForCausalLM):

@@ -14,36 +14,49 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pagedllm.distributed.parallel_state import tp_size
 from pagedllm.layers.activation import gated_activation
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
+from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.arch import ModelArch
 
 
 class DecoderAttention(nn.Module):
-    """``norm``: the q/k norm's class (Gemma 3 scales by 1 + weight)."""
+    """``norm``: the q/k norm's class (Gemma 3 scales by 1 + weight).
+
+    With tensor parallelism a rank computes its share of the query heads and of the KV heads
+    (a KV head is replicated over ``ranks / num_kv_heads`` ranks when there are fewer heads than
+    ranks); ``o_proj`` all-reduces the ranks' partial outputs."""
 
     def __init__(self, arch: ModelArch, layer_idx: int, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.arch = arch
+        ranks = tp_size()
+        self.num_heads = arch.num_heads // ranks
+        self.num_kv_heads = arch.kv_heads_per_rank(ranks)
+        self.q_size = self.num_heads * arch.head_dim
+        self.kv_size = self.num_kv_heads * arch.head_dim
+        kv_replicas = max(1, ranks // arch.num_kv_heads)
         self.qkv_proj = ColumnParallelLinear(
-            arch.hidden_size, [arch.q_size, arch.kv_size, arch.kv_size], bias=arch.qkv_bias)
+            arch.hidden_size, [arch.q_size, arch.kv_size, arch.kv_size], bias=arch.qkv_bias,
+            replicas=[1, kv_replicas, kv_replicas])
         self.o_proj = RowParallelLinear(arch.q_size, arch.hidden_size)
         if arch.qk_norm:
             self.q_norm = norm(arch.head_dim, arch.rms_norm_eps)
             self.k_norm = norm(arch.head_dim, arch.rms_norm_eps)
-        self.attn = Attention(layer_idx, arch.num_heads, arch.num_kv_heads, arch.head_dim,
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, arch.head_dim,
                               arch.attention_scale, arch.sliding_window(layer_idx),
                               arch.attn_logit_softcap)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a = self.arch
-        q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)  # [T, H, D]
-        k = k.view(-1, a.num_kv_heads, a.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, a.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, a.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos_sin)
@@ -96,7 +109,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(self.layer_class(arch, i) for i in range(arch.num_layers))
         self.norm = self.norm_class(arch.hidden_size, arch.rms_norm_eps)
         rotary_dim = arch.rotary_dim or arch.head_dim
@@ -145,7 +158,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = self.model_class(arch)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

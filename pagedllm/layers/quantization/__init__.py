@@ -1,0 +1,48 @@
+"""How linear layers store and multiply their weights: unquantized, or a quantization method.
+
+A ``LinearMethod`` owns a linear layer's matmul. Layers are built and loaded in the model dtype
+(each rank with its shard); ``quantize_model`` then hands every linear layer to the method named
+by ``--quantization``, which may repack the weight (``process_weights_after_loading``) and runs
+the layer's product from then on (``apply``). Methods register themselves in ``METHODS``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearMethod:
+    """The plain product in the model dtype; the base of quantized methods."""
+
+    name = "unquantized"
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repacks ``layer.weight`` once loading is done (the unquantized method keeps it)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+UNQUANTIZED = LinearMethod()
+
+# --quantization name -> method class (filled by the method modules)
+METHODS: dict[str, type[LinearMethod]] = {}
+
+
+def quantize_model(model: nn.Module, name: str | None) -> None:
+    """Hands every linear layer of ``model`` to the method ``name`` (None: leaves them)."""
+    if name is None:
+        return
+    if name not in METHODS:
+        raise ValueError(f"quantization {name!r} is not supported; pagedllm supports "
+                         f"{sorted(METHODS)}")
+    from pagedllm.layers.linear import LinearBase
+
+    method = METHODS[name]()
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            method.process_weights_after_loading(module)
+            module.method = method
