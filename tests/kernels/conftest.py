@@ -1,7 +1,7 @@
 """Kernel tests run on the GPU when there is one, else in Triton's CPU interpreter.
 
-``TRITON_INTERPRET`` must be set before Triton is first imported, hence here. Two gaps of the
-Triton 3.6 interpreter are patched for the test session only; neither touches a GPU run.
+``TRITON_INTERPRET`` must be set before Triton is first imported, hence here. Three gaps of the
+Triton 3.6 interpreter are patched for the test session only; none touches a GPU run.
 """
 
 from __future__ import annotations
@@ -53,6 +53,27 @@ def _patch_interpreter() -> None:
         return create_dot(self, to_float32(a), to_float32(b), *args)
 
     builder.create_dot = patched_dot
+
+    # Conversions to float8e4nv round the mantissa without carrying into the exponent (124.5
+    # becomes 64): convert through torch, which rounds to nearest even as the GPU's cvt.rn does
+    # (inputs are clamped to +-448 first, as the kernels do, so saturation never differs).
+    fp_to_fp = builder.create_fp_to_fp
+    torch_dtypes = {tl.float32: torch.float32, tl.float16: torch.float16,
+                    tl.bfloat16: torch.bfloat16, tl.float8e4nv: torch.float8_e4m3fn}
+
+    def patched_fp_to_fp(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if tl.float8e4nv not in (src_ty, dst_ty) or not {src_ty, dst_ty} <= set(torch_dtypes):
+            return fp_to_fp(self, src, dst_type, rounding_mode)
+        raw = torch.from_numpy(np.ascontiguousarray(src.data))
+        out = raw.view(torch_dtypes[src_ty]).to(torch_dtypes[dst_ty])
+        if dst_ty == tl.bfloat16:
+            out = out.view(torch.uint16)
+        elif dst_ty == tl.float8e4nv:
+            out = out.view(torch.uint8)
+        return interpreter.TensorHandle(out.numpy(), dst_ty)
+
+    builder.create_fp_to_fp = patched_fp_to_fp
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":

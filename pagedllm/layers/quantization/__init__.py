@@ -18,6 +18,10 @@ class LinearMethod:
 
     name = "unquantized"
 
+    def create_weights(self, layer: nn.Module) -> None:
+        """Before loading a checkpoint already in this format: lays out the layer's parameters
+        as the checkpoint stores them (the unquantized method keeps the model dtype's)."""
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repacks ``layer.weight`` once loading is done (the unquantized method keeps it)."""
 
@@ -32,17 +36,36 @@ UNQUANTIZED = LinearMethod()
 METHODS: dict[str, type[LinearMethod]] = {}
 
 
+def _method(name: str) -> LinearMethod:
+    if name not in METHODS:
+        raise ValueError(f"quantization {name!r} is not supported; pagedllm supports "
+                         f"{sorted(METHODS)}")
+    return METHODS[name]()
+
+
+def _linear_layers(model: nn.Module) -> list[nn.Module]:
+    from pagedllm.layers.linear import LinearBase
+
+    return [m for m in model.modules() if isinstance(m, LinearBase)]
+
+
+def create_quantized_weights(model: nn.Module, name: str) -> None:
+    """Before loading a checkpoint quantized with method ``name``: every linear layer's
+    parameters laid out as that checkpoint stores them (``LinearMethod.create_weights``)."""
+    method = _method(name)
+    for module in _linear_layers(model):
+        method.create_weights(module)
+
+
 def quantize_model(model: nn.Module, name: str | None) -> None:
     """Hands every linear layer of ``model`` to the method ``name`` (None: leaves them)."""
     if name is None:
         return
-    if name not in METHODS:
-        raise ValueError(f"quantization {name!r} is not supported; pagedllm supports "
-                         f"{sorted(METHODS)}")
-    from pagedllm.layers.linear import LinearBase
+    method = _method(name)
+    for module in _linear_layers(model):
+        method.process_weights_after_loading(module)
+        module.method = method
 
-    method = METHODS[name]()
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            method.process_weights_after_loading(module)
-            module.method = method
+
+# The method modules register themselves in METHODS when imported.
+from pagedllm.layers.quantization import fp8  # noqa: E402, F401

@@ -1,0 +1,61 @@
+"""Triton kernel that quantizes each row of a matrix to FP8 (e4m3) with its own scale.
+
+One program per row: a first pass over the row finds its absolute maximum, the scale is
+``max(amax / 448, min_scale)``, and a second pass stores ``fp8(clamp(x * (1 / scale)))``, the
+arithmetic of ``layers.quantization.fp8.quantize_rows_ref`` (the reciprocal rounded to fp32 once,
+then one IEEE product per element, so the stored bytes equal the reference's). Used for the
+activations of ``--quantization fp8`` (one row per token) and to quantize weights at load (one
+row per output channel). The grid depends only on the row count: capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024  # columns per iteration of each pass
+
+
+@triton.jit(do_not_specialize=["num_cols"])
+def _quantize_rows_kernel(
+    x_ptr,  # [num_rows, num_cols], last dim contiguous
+    out_ptr,  # [num_rows, num_cols] float8e4nv, contiguous
+    scale_ptr,  # [num_rows] fp32
+    num_cols, stride_x, fp8_max, min_scale,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, num_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    # IEEE divisions (div_rn), as torch's: a plain fp32 '/' may be approximate on the GPU.
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), fp8_max), min_scale)
+    tl.store(scale_ptr + row, scale)
+    inv = tl.math.div_rn(1.0, scale)
+    for start in range(0, num_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_row + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x * inv, -fp8_max), fp8_max)
+        tl.store(out_ptr + row * num_cols + cols, q.to(out_ptr.dtype.element_ty),
+                 mask=cols < num_cols)
+
+
+def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype, last dim contiguous) -> (fp8 [M, K], fp32 scales [M, 1])."""
+    from pagedllm.layers.quantization.fp8 import _MIN_SCALE, FP8_DTYPE, FP8_MAX
+
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_rows takes [M, K] with contiguous rows, got {tuple(x.shape)}")
+    num_rows, num_cols = x.shape
+    out = torch.empty(num_rows, num_cols, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    if num_rows:
+        block = min(_BLOCK, triton.next_power_of_2(num_cols))
+        _quantize_rows_kernel[(num_rows,)](
+            x, out, scale, num_cols, x.stride(0), FP8_MAX, _MIN_SCALE, BLOCK=block,
+            num_warps=4 if block >= 1024 else 1)
+    return out, scale
