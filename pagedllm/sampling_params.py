@@ -3,10 +3,54 @@
 from __future__ import annotations
 
 import enum
+import json as json_module
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pagedllm.tokenizer import Tokenizer
 
 _GREEDY_EPS = 1e-5
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrains a request's output to a grammar (vLLM's names). Exactly one of ``json`` (a
+    JSON schema, as a dict or a JSON string), ``json_object`` (any JSON object), ``regex``,
+    ``choice`` (one of these strings) and ``grammar`` (an EBNF grammar, xgrammar's GBNF
+    dialect) is set. ``disable_any_whitespace`` makes JSON compact (no free whitespace)."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        kinds = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, "
+                             f"choice and grammar; got {kinds or 'none'}.")
+        if self.choice is not None and (not self.choice or not all(
+                isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings.")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, spec, compact): what a compiled grammar is cached by."""
+        spec = getattr(self, self.kind)
+        if isinstance(spec, (dict, list)):
+            spec = json_module.dumps(spec, sort_keys=True)
+        return self.kind, str(spec), self.disable_any_whitespace
+
+
+_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 class RequestOutputKind(enum.Enum):
@@ -40,8 +84,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words never generated (each as its token sequence)
     # Filled by the engine from the tokenizer (EOS) and the model's generation config.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled by the front end from bad_words: each word's token ids, with and without a space.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +101,8 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -85,6 +136,10 @@ class SamplingParams:
              "stop_token_ids must be non-negative integers."),
             (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
              f"seed must be an integer in [0, 2**64 - 1], got {self.seed}."),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids is not allowed to be empty."),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words or []),
+             "bad_words must be non-empty strings."),
         ]
         for ok, message in checks:
             if not ok:
@@ -101,6 +156,25 @@ class SamplingParams:
             if not 0 <= token_id < vocab_size:
                 raise ValueError(f"logit_bias has token_id {token_id} out of vocabulary "
                                  f"range [0, {vocab_size}).")
+        for token_id in (self.allowed_token_ids or []):
+            if not (isinstance(token_id, int) and 0 <= token_id < vocab_size):
+                raise ValueError(f"allowed_token_ids has token_id {token_id} out of vocabulary "
+                                 f"range [0, {vocab_size}).")
+        if self.structured_outputs is not None:
+            from pagedllm.structured_output.backend import check_grammar
+
+            check_grammar(self.structured_outputs)
+
+    def update_from_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Tokenizes ``bad_words`` (as vLLM: each word alone and after a space, as it would
+        appear mid-text) into ``bad_words_token_ids``."""
+        words: list[list[int]] = []
+        for word in self.bad_words or []:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in words:
+                    words.append(ids)
+        self.bad_words_token_ids = words
 
     @property
     def greedy(self) -> bool:

@@ -1,7 +1,8 @@
 """Sampler: logits of the rows that sample this step -> next tokens (+ logprobs), batched.
 
-Order, as in vLLM: logit bias and min_tokens masking -> repetition / frequency / presence
-penalties -> (greedy rows take the argmax here) -> temperature -> min_p, top_k, top_p -> sample.
+Order, as in vLLM: the token bitmask (grammars, allowed_token_ids, bad_words) -> logit bias and
+min_tokens masking -> repetition / frequency / presence penalties -> (greedy rows take the argmax
+here) -> temperature -> min_p, top_k, top_p -> sample.
 Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws exactly from p; a
 seeded request draws its noise from its own generator, so its samples do not depend on what else
 is in the batch. No loop over the vocabulary, no host sync but the final token read.
@@ -30,6 +31,10 @@ class SamplingTensors:
     prompt_mask: torch.Tensor | None = None  # [N, V] bool: token appears in the prompt
     logit_bias: torch.Tensor | None = None  # [N, V] additive
     banned: torch.Tensor | None = None  # [N, V] bool: stop tokens before min_tokens
+    # Rows with a token mask ([k] int64) and their masks ([k, ceil(V / 32)] int32 words, bit j
+    # of word i = token 32 i + j allowed); the other rows are not touched.
+    bitmask_rows: torch.Tensor | None = None
+    token_bitmask: torch.Tensor | None = None
     max_num_logprobs: int = -1  # -1: none requested
     # Host-side flags, so that no step reads device tensors to decide what to compute.
     all_greedy: bool = False
@@ -46,6 +51,22 @@ class SamplerOutput:
     logprob_token_ids: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     sampled_ranks: torch.Tensor | None = None
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask_(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Sets to -inf, in place, the tokens each masked row's bitmask disallows ([N, V])."""
+    vocab = logits.shape[-1]
+    shifts = _BIT_SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+        _BIT_SHIFTS[logits.device] = shifts
+    # Little-endian int32 words read as bytes keep the token order: byte b, bit j = 8 b + j.
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [k, 4 * words]
+    allowed = ((as_bytes[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [k, V]
+    logits.index_put_((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -105,6 +126,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         """logits: [N, V] float32 (raw model output) -> SamplerOutput."""
         raw = logits
+        if t.token_bitmask is not None:
+            if t.max_num_logprobs >= 0:  # logprobs are of the raw distribution
+                logits = logits.clone()
+            apply_token_bitmask_(logits, t.bitmask_rows, t.token_bitmask)
         if t.logit_bias is not None:
             logits = logits + t.logit_bias
         if t.banned is not None:
