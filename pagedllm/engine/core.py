@@ -13,6 +13,7 @@ alone, and only those that fail alone end, with ``FinishReason.ERROR``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -30,6 +31,8 @@ from pagedllm.engine.messages import (
     FinishReason,
 )
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.backend import compiler_for_model
+from pagedllm.structured_output.manager import StructuredOutputManager, needs_mask
 from pagedllm.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,12 @@ class EngineCore:
         # Requests whose sampling reads their latest tokens on the host (penalties, min_tokens,
         # logprobs): while any is unfinished, each step completes before the next is scheduled.
         self._exact: set[str] = set()
+        # Grammars (compiled off this loop), allowed_token_ids and bad_words: one token bitmask
+        # a step. A request waits there, not in the scheduler, until its grammar is compiled.
+        arch = self.runner.arch
+        self.structured: StructuredOutputManager[Request] = StructuredOutputManager(
+            functools.partial(compiler_for_model, config.model.model, arch.vocab_size,
+                              list(arch.eos_token_ids)), arch.vocab_size)
         self._failed: list[EngineCoreOutput] = []  # requests refused on add, reported next step
         self._prompt_tokens = 0
         self._generation_tokens = 0
@@ -87,7 +96,9 @@ class EngineCore:
             req = Request(rid, request.prompt_token_ids, request.sampling_params,
                           request.arrival_time, wait_for=sibling, images=request.images,
                           mrope=request.mrope)
-            self.scheduler.add_request(req)
+            if not (needs_mask(request.sampling_params)
+                    and self.structured.add(rid, request.sampling_params, req)):
+                self.scheduler.add_request(req)
         except Exception as e:
             logger.warning("Request %s refused by the engine core: %s", rid, e)
             self._failed.append(EngineCoreOutput(rid, finish_reason=FinishReason.ERROR,
@@ -99,6 +110,7 @@ class EngineCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         """Ends the requests now and frees their KV blocks; no output is sent for them."""
         for rid in request_ids:
+            self.structured.free(rid)
             req = self._live(rid)
             if req is not None:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
@@ -111,11 +123,12 @@ class EngineCore:
 
     def _forget(self, req: Request) -> None:
         self._exact.discard(req.request_id)
+        self.structured.free(req.request_id)
         self.runner.free_request(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.num_unfinished > 0 or self._in_flight is not None
-                or bool(self._failed))
+                or bool(self._failed) or self.structured.num_compiling > 0)
 
     # -- the step -------------------------------------------------------------------------
 
@@ -127,6 +140,7 @@ class EngineCore:
         if self._in_flight is not None and self._exact:
             outputs += self._finish_in_flight()  # the next step's sampling needs these tokens
             return self._message(outputs, first)
+        self._admit_compiled()
         sched = self.scheduler.schedule()
         self._last_step = (len(sched.scheduled), sched.total_num_tokens)
         if sched.is_empty:
@@ -140,6 +154,9 @@ class EngineCore:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = time.monotonic()
                     first.append((req.request_id, max(req.num_cached_tokens, 0)))
+        sched.structured = self.structured.step_bitmask(
+            [(s.request_id, self.scheduler.requests[s.request_id].output_token_ids)
+             for s in sched.scheduled if s.samples])
         try:
             launched = self.runner.launch(sched)
         except Exception as e:
@@ -151,6 +168,21 @@ class EngineCore:
         if not self.async_scheduling or self._exact:
             outputs += self._finish_in_flight()
         return self._message(outputs, first)
+
+    def _admit_compiled(self) -> None:
+        """Hands the requests whose grammar is compiled to the scheduler (waits a little for
+        one when nothing else is left to run)."""
+        if not self.structured.num_compiling:
+            return
+        if not self.scheduler.num_unfinished and self._in_flight is None:
+            self.structured.wait(0.05)
+        for req, error in self.structured.ready():
+            if error is None:
+                self.scheduler.add_request(req)
+            else:
+                self._exact.discard(req.request_id)
+                self._failed.append(EngineCoreOutput(
+                    req.request_id, finish_reason=FinishReason.ERROR, error=error))
 
     def state_message(self) -> EngineCoreOutputs:
         """The core's counters between steps (after aborts freed blocks)."""
@@ -184,6 +216,9 @@ class EngineCore:
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
         for req in progressed:
             rid = req.request_id
+            if not self.structured.accept(rid, req.output_token_ids[-1]):
+                logger.warning("Request %s: token %d does not match its grammar", rid,
+                               req.output_token_ids[-1])
             out = outputs.get(rid) or EngineCoreOutput(rid)
             outputs[rid] = out
             out.new_token_ids = [req.output_token_ids[-1]]
@@ -212,7 +247,9 @@ class EngineCore:
             s = dataclasses.replace(s, token_ids=req.token_ids(
                 start, min(start + s.num_new_tokens, req.num_tokens)))
             new = [d for d in sched.new_requests if d.request_id == s.request_id]
-            alone = SchedulerOutput(scheduled=[s], new_requests=new)
+            alone = SchedulerOutput(scheduled=[s], new_requests=new,
+                                    structured=sched.structured and sched.structured.select(
+                                        _sampling_row(sched, s.request_id)))
             try:
                 result = self.runner.launch(alone).result()
             except Exception as e:
@@ -244,7 +281,15 @@ class EngineCore:
 
 
 def _reads_token_history(params: SamplingParams) -> bool:
-    """Whether sampling this request's next token reads its previous ones on the host."""
+    """Whether sampling this request's next token reads its previous ones on the host (a
+    grammar's and bad_words' masks are made from them)."""
     return bool(params.presence_penalty or params.frequency_penalty
                 or params.repetition_penalty != 1.0 or params.min_tokens
-                or params.logprobs is not None or params.prompt_logprobs is not None)
+                or params.logprobs is not None or params.prompt_logprobs is not None
+                or params.structured_outputs is not None or params.bad_words_token_ids)
+
+
+def _sampling_row(sched: SchedulerOutput, request_id: str) -> int:
+    """The request's row among the step's sampling rows (-1: it does not sample)."""
+    rows = [s.request_id for s in sched.scheduled if s.samples]
+    return rows.index(request_id) if request_id in rows else -1

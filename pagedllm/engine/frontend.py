@@ -48,6 +48,7 @@ class Frontend:
         self._validate(processed.token_ids, params)
         params = copy.copy(params)
         params.all_stop_token_ids = set(self._eos_ids)
+        params.update_from_tokenizer(self.tokenizer)
         samples = fan_out(request_id, processed, params, arrival_time)
         if self.output_processor.is_in_use(request_id, samples):
             raise ValueError(f"Request id {request_id!r} is already in use.")

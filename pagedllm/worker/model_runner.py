@@ -201,6 +201,9 @@ class ModelRunner:
             hidden = self.forward(input_ids, positions, metadata, images)
         step = LaunchedStep(requests)
         if sampling:
+            if sched.structured is not None:  # some rows' token masks (grammars, ...)
+                tensors.bitmask_rows = to_device(sched.structured.rows, self.device)
+                tensors.token_bitmask = to_device(sched.structured.bitmask, self.device)
             step.sampled = self.sampler(self.model.compute_logits(hidden[rows]), tensors)
             step.copy_to_host()
             self._last_sampled = (step.sampled.token_ids,
