@@ -16,6 +16,10 @@ Two per-layer options change what a query sees, as transformers applies them: a 
 ``w > 0`` limits the query at position ``p`` to keys at positions in ``(p - w, p]`` (Mistral,
 Gemma 2's every other layer), and a logit soft-cap ``c > 0`` replaces each scaled score ``s`` by
 ``c * tanh(s / c)`` before the softmax (Gemma 2). 0 turns either off.
+
+An FP8 cache (``--kv-cache-dtype fp8``: float8_e4m3fn, one byte per value) holds
+``fp8(clamp(k / k_scale, -448, 448))`` and is read as ``fp8 * k_scale`` (likewise v), with one
+per-tensor scale per layer as vLLM (1.0 unless calibrated); every backend does this arithmetic.
 """
 
 from __future__ import annotations
@@ -67,11 +71,14 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, *,
-                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                v_scale: float = 1.0) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
 
         Writes k, v at ``slot_mapping`` and returns [num_tokens, num_heads, head_dim].
         ``sliding_window`` and ``softcap``: the layer's options (module docstring; 0 = off).
+        ``k_scale``, ``v_scale``: an FP8 cache (float8_e4m3fn) stores k / k_scale and
+        v / v_scale and reads back fp8 * scale (module docstring); other caches ignore them.
         """
 
 

@@ -9,6 +9,9 @@ A sliding window is one more condition in the mask (masks are built once per ste
 and shared by the layers with that window); a chunk gathers only the blocks its window reaches.
 Soft-capped scores need the scores themselves, which SDPA does not expose, so a soft-capped
 layer forms them explicitly (as transformers' eager attention does).
+
+An FP8 cache is quantized on write (``write_kv``) and upcast on read; its per-tensor scales fold
+into the score scale (k) and the output (v), the same arithmetic as the Triton kernels.
 """
 
 from __future__ import annotations
@@ -19,20 +22,27 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.layers.quantization.fp8 import FP8_DTYPE, quantize
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, padded: bool = True) -> None:
+             slot_mapping: torch.Tensor, padded: bool = True, k_scale: float = 1.0,
+             v_scale: float = 1.0) -> None:
     """Stores k, v [num_tokens, num_kv_heads, head_dim] at their slots; slot -1 is skipped
-    (``padded=False`` promises there is none)."""
+    (``padded=False`` promises there is none). An FP8 cache stores k / k_scale, v / v_scale."""
     two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(two, num_blocks * block_size, kv_heads, head_dim)
     if padded:
         keep = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     slots = slot_mapping
-    flat[0].index_copy_(0, slots, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+    if kv_cache.dtype == FP8_DTYPE:  # index_copy_ has no fp8 kernel: copy the bytes
+        flat = flat.view(torch.uint8)
+        k, v = quantize(k, k_scale).view(torch.uint8), quantize(v, v_scale).view(torch.uint8)
+    else:
+        k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
 
 
 def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
@@ -90,14 +100,17 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                        scale: float, *, sliding_window: int = 0,
-                        softcap: float = 0.0) -> torch.Tensor:
+                        scale: float, *, sliding_window: int = 0, softcap: float = 0.0,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of the step's queries over the paged cache, one request at a time.
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] (float32 math).
     Assumes the step's K/V are already written. Reads every position of a request's context,
-    so that a window's mask, not which blocks are read, is what is tested.
+    so that a window's mask, not which blocks are read, is what is tested. An FP8 cache is
+    dequantized (fp8 * k_scale, fp8 * v_scale) before anything else.
     """
+    if kv_cache.dtype != FP8_DTYPE:
+        k_scale = v_scale = 1.0
     block_size = kv_cache.shape[2]
     flat = kv_cache.flatten(1, 2)  # [2, num_slots, Hkv, D]
     out = torch.empty_like(q)
@@ -105,7 +118,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     for r, seq_len in enumerate(metadata.seq_lens_cpu):
         start, end = starts[r], starts[r + 1]
         slots = context_slots(metadata.block_tables[r], seq_len, block_size)
-        k, v = flat[0, slots].float(), flat[1, slots].float()
+        k, v = flat[0, slots].float() * k_scale, flat[1, slots].float() * v_scale
         mask = _causal_mask(end - start, seq_len, q.device, sliding_window)
         o = _attend(q[None, start:end].float(), k[None], v[None], mask[None, None], scale,
                     softcap)
@@ -216,11 +229,15 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, *,
-                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                v_scale: float = 1.0) -> torch.Tensor:
         data: _TorchStepData = metadata.backend_data
         if len(data.fresh_blocks):
             kv_cache[:, data.fresh_blocks] = 0
-        write_kv(k, v, kv_cache, metadata.slot_mapping, data.padded)
+        write_kv(k, v, kv_cache, metadata.slot_mapping, data.padded, k_scale, v_scale)
+        fp8 = kv_cache.dtype == FP8_DTYPE
+        if fp8:  # attend over the stored values upcast (exact); k_scale joins the score scale
+            scale *= k_scale
         two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
         # One row per block: index_select of 2-D rows is several times faster than of 4-D.
         rows = kv_cache.view(two, num_blocks, block_size * kv_heads * head_dim)
@@ -230,8 +247,8 @@ class TorchAttentionBackend(AttentionBackend):
                 g.k_buf = rows.new_empty(len(g.blocks), rows.shape[-1])
                 g.v_buf = torch.empty_like(g.k_buf)
             shape = (len(g.rows), -1, kv_heads, head_dim)  # [n, width * bs, Hkv, D]
-            kd = torch.index_select(rows[0], 0, g.blocks, out=g.k_buf).view(shape)
-            vd = torch.index_select(rows[1], 0, g.blocks, out=g.v_buf).view(shape)
+            kd = torch.index_select(rows[0], 0, g.blocks, out=g.k_buf).view(shape).to(q.dtype)
+            vd = torch.index_select(rows[1], 0, g.blocks, out=g.v_buf).view(shape).to(q.dtype)
             out[g.rows] = _attend(q[g.rows][:, None], kd, vd, g.mask(sliding_window), scale,
                                   softcap)[:, 0]
         for c in data.chunks:
@@ -239,7 +256,8 @@ class TorchAttentionBackend(AttentionBackend):
             length = c.seq_len - first * block_size  # positions read: from the first block on
             kc = rows[0].index_select(0, c.blocks[first:]).view(-1, kv_heads, head_dim)[:length]
             vc = rows[1].index_select(0, c.blocks[first:]).view(-1, kv_heads, head_dim)[:length]
-            out[c.start:c.end] = _attend(q[None, c.start:c.end], kc[None], vc[None],
+            out[c.start:c.end] = _attend(q[None, c.start:c.end], kc[None].to(q.dtype),
+                                         vc[None].to(q.dtype),
                                          None if mask is None else mask[None, None], scale,
                                          softcap)[0]
-        return out
+        return out * v_scale if fp8 and v_scale != 1.0 else out

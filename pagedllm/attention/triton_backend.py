@@ -110,12 +110,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float, *,
-                sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                v_scale: float = 1.0) -> torch.Tensor:
         if not isinstance(metadata.backend_data, TritonStepData):
             raise RuntimeError("TritonAttentionBackend.prepare() was not called for this step")
-        write_kv_triton(k, v, kv_cache, metadata.slot_mapping)
+        write_kv_triton(k, v, kv_cache, metadata.slot_mapping, k_scale, v_scale)
         plan = self.plan(metadata.backend_data, q.shape[1], k.shape[1], q.dtype)
         return paged_attention_triton(
             q, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
             scale, block_m=plan.block_m, tile_map=plan.tile_map, num_splits=plan.num_splits,
-            sliding_window=sliding_window, softcap=softcap)
+            sliding_window=sliding_window, softcap=softcap, k_scale=k_scale, v_scale=v_scale)

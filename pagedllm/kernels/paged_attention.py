@@ -20,6 +20,12 @@ window, so the blocks left of it are never read (a decode reads ``w`` positions,
 context). A soft-cap ``c`` replaces each scaled score ``s`` by ``c * tanh(s / c)`` (Gemma 2); the
 scale passed is then ``scale / c`` and the cap is applied in base 2 (``c * log2(e)``).
 
+FP8 cache (``--kv-cache-dtype fp8``). K and V tiles are loaded as float8e4nv (half the bytes
+of a decode's dominant read) and upcast to q's dtype before the dots, which is exact; the
+per-tensor ``k_scale`` joins the score scale and ``v_scale`` multiplies the accumulator once at
+the end (the combine pass is linear in it), so the result is the reference's dequantized
+attention up to accumulation order.
+
 Tile sizes (chosen on the host, see ``triton_backend.choose_block_m``). A decode step uses
 ``BLOCK_M = 16``, the smallest MMA height: decode is bound by reading KV, and a taller tile would
 only add softmax work on empty rows. Prompt chunks use 64 or 128 rows, which Triton lowers to
@@ -84,7 +90,7 @@ def _attend_kv_range(
         block = tl.load(table + pos // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
         slot = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs  # [BLOCK_N]
         k = tl.load(kv_base + slot[None, :] + dims[:, None], mask=in_ctx[None, :],
-                    other=0.0)  # [HEAD_DIM, BLOCK_N]
+                    other=0.0).to(q.dtype)  # [HEAD_DIM, BLOCK_N]; an FP8 cache upcast
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         if USE_SOFTCAP:  # s is score / c here: tanh(x) = 1 - 2 / (exp(2x) + 1), safe for any x
             s = (1.0 - 2.0 / (tl.exp(2.0 * s) + 1.0)) * softcap
@@ -97,7 +103,7 @@ def _attend_kv_range(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(kv_base + stride_ckv + slot[:, None] + dims[None, :], mask=in_ctx[:, None],
-                    other=0.0)  # [BLOCK_N, HEAD_DIM]
+                    other=0.0).to(q.dtype)  # [BLOCK_N, HEAD_DIM]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return m_i, l_i, acc
@@ -112,7 +118,7 @@ def _paged_attention_kernel(
     max_ptr, sum_ptr,  # [splits, num_tokens, num_heads] fp32 partials (split mode only)
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,  # [R + 1], [R], [R, max_blocks]
     tile_map_ptr,  # [num_tiles, 2] int32: (request, first query row); unused if ONE_TILE_PER_REQ
-    qk_scale, window, softcap, num_tokens,
+    qk_scale, v_scale, window, softcap, num_tokens,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ckv, stride_cb, stride_cs, stride_ch, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -164,6 +170,7 @@ def _paged_attention_kernel(
         q, q_pos, table, kv_ptr + kv_head * stride_ch, kv_lo, kv_hi, qk_scale, window, softcap,
         stride_ckv, stride_cb, stride_cs, BLOCK_M, HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
         USE_WINDOW, USE_SOFTCAP)
+    acc = acc * v_scale  # an FP8 cache's values are v / v_scale (1.0 otherwise)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -225,7 +232,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, *, block_m: int,
                            tile_map: torch.Tensor | None, num_splits: int = 1,
-                           sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                           sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """Attention of a step's queries over the paged cache (the step's K/V already written).
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] in q's dtype.
@@ -233,7 +241,9 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     ([num_tiles, 2] int32, (request, first query row)) or None when every request fits one tile;
     ``num_splits`` > 1 splits each request's context into that many slices plus a combine pass.
     ``sliding_window`` > 0: a query at position p sees keys in (p - window, p]; ``softcap`` > 0:
-    scores are capped to ``softcap * tanh(score / softcap)``.
+    scores are capped to ``softcap * tanh(score / softcap)``. A float8_e4m3fn cache holds
+    k / k_scale and v / v_scale: its values are upcast to q's dtype, k_scale multiplies the
+    score scale and v_scale the output (other caches: q's dtype, the scales are ignored).
     Rows of tokens that belong to no request are left unwritten. Never synchronizes.
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -243,8 +253,12 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     if head_dim & (head_dim - 1) or num_heads != group * num_kv_heads or block_m < group_pad:
         raise ValueError(f"unsupported shapes: heads {num_heads}/{num_kv_heads}, "
                          f"head_dim {head_dim}, block_m {block_m}")
-    if q.stride(2) != 1 or kv_cache.stride(4) != 1 or q.dtype != kv_cache.dtype:
-        raise ValueError("q and kv_cache need one dtype and a contiguous head_dim")
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    if q.stride(2) != 1 or kv_cache.stride(4) != 1 or not (fp8 or q.dtype == kv_cache.dtype):
+        raise ValueError("q and kv_cache need one dtype (or an fp8 cache) and a contiguous "
+                         "head_dim")
+    if not fp8:
+        k_scale = v_scale = 1.0
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     num_reqs = seq_lens.shape[0]
     num_tiles = num_reqs if tile_map is None else tile_map.shape[0]
@@ -262,7 +276,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
         q, kv_cache, target, m_part, l_part, query_start_loc, seq_lens, block_tables,
         query_start_loc if tile_map is None else tile_map,
         # Soft-capping needs the plain score / c; without it the log2(e) factor goes in here.
-        scale / softcap if softcap else scale * LOG2_E, sliding_window, softcap * LOG2_E,
+        scale * k_scale / softcap if softcap else scale * k_scale * LOG2_E, v_scale,
+        sliding_window, softcap * LOG2_E,
         num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
