@@ -16,7 +16,9 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.inputs import InputProcessor
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.quantization import quantize_model
+from pagedllm.layers.quantization import create_quantized_weights, quantize_model
+from pagedllm.layers.quantization.checkpoint import resolve_quantization
+from pagedllm.layers.quantization.fp8 import kv_cache_dtype
 from pagedllm.models.arch import ModelArch
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
 from pagedllm.models.registry import model_class
@@ -74,17 +76,17 @@ def build_core(kwargs: dict[str, Any]) -> EngineCore:
     """Loads the model, sizes and allocates the KV cache, captures CUDA graphs."""
     start = time.perf_counter()
     source, arch, config = resolve_engine_args(kwargs)
-    if config.cache.kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype {config.cache.kv_cache_dtype!r} is not supported yet")
     device = torch.device(config.device.resolved())
     dtype = resolve_dtype(config.model.dtype, device)
+    kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
+    _note_cpu_fp8(config, device)
     torch.manual_seed(config.model.seed)
     model = load_model(source, arch, config, device, dtype)
     weights = memory.loaded_weight_bytes(model)
     logger.info("Loaded %s (%s, %.2f GiB of weights, %s on %s) in %.1f s", source.name,
                 arch.architecture, weights / 2**30, dtype, device, time.perf_counter() - start)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
-    runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device)
+    runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device, kv_dtype)
     image_config = None
     if arch.vision is not None:
         image_config = image_processor_config(source, config)
@@ -97,7 +99,7 @@ def build_core(kwargs: dict[str, Any]) -> EngineCore:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
             _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes,
                                         image_config)
-    plan = memory.plan_kv_cache(arch, dtype, config.cache.block_size,
+    plan = memory.plan_kv_cache(arch, kv_dtype, config.cache.block_size,
                                 config.model.max_model_len, kv_bytes,
                                 config.scheduler.max_num_batched_tokens)
     memory.log_kv_cache_plan(plan, logger, device.type)
@@ -105,6 +107,14 @@ def build_core(kwargs: dict[str, Any]) -> EngineCore:
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
     return EngineCore(config, runner, plan.num_blocks, plan.sliding_window)
+
+
+def _note_cpu_fp8(config: EngineConfig, device: torch.device) -> None:
+    """FP8 on the CPU is an emulation (the GPU's arithmetic, for tests), not a speed-up."""
+    if device.type == "cpu" and (config.model.quantization == "fp8"
+                                 or config.cache.kv_cache_dtype != "auto"):
+        logger.warning("FP8 on the CPU is emulated with the GPU's arithmetic (for tests): "
+                       "slower than the model dtype, and no memory is saved in activations")
 
 
 def image_processor_config(source: ModelSource, config: EngineConfig) -> ImageProcessorConfig:
@@ -158,18 +168,22 @@ def _profile_gpu_kv_cache_bytes(runner: ModelRunner, config: EngineConfig, arch:
 
 def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig, device: torch.device,
                dtype: torch.dtype) -> nn.Module:
+    quant = resolve_quantization(load_hf_config(source), config.model.quantization,
+                                 config.model.load_format, arch.moe is not None)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             model = model_class(arch)(arch)
+            if quant.prequantized:  # FP8 parameters (and scales) for the checkpoint's tensors
+                create_quantized_weights(model, quant.method)
     finally:
         torch.set_default_dtype(default_dtype)
     if config.model.load_format == "dummy":
         init_dummy_weights(model)
     else:
         model.load_weights(iter_weights(source, dtype))
-    quantize_model(model, config.model.quantization)
+    quantize_model(model, quant.method)
     return model.eval()
 
 

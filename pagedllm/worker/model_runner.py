@@ -93,9 +93,11 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, arch: ModelArch, backend: AttentionBackend,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+                 block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model, self.arch, self.backend = model, arch, backend
         self.block_size, self.dtype, self.device = block_size, dtype, device
+        self.kv_cache_dtype = kv_cache_dtype or dtype  # float8_e4m3fn with --kv-cache-dtype fp8
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.requests: dict[str, NewRequestData] = {}  # what the runner knows of each request
@@ -113,7 +115,7 @@ class ModelRunner:
         # Not zeroed (a multi-GiB memset slows start-up). Block 0 pads block tables, so it must
         # hold finite values; backends that read whole blocks clear a block when its first
         # slot is written (see TorchAttentionBackend).
-        self.kv_caches = [torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
                           for _ in range(self.arch.num_layers)]
         for cache in self.kv_caches:
             cache[:, 0].zero_()

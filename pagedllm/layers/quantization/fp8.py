@@ -107,7 +107,8 @@ class Fp8LinearMethod(LinearMethod):
         weight.weight_loader = loader  # type: ignore[attr-defined]
         layer.weight = weight
         scale = nn.Parameter(torch.full((layer.weight.shape[0],), float("nan"),
-                                        device=layer.weight.device), requires_grad=False)
+                                        dtype=torch.float32, device=layer.weight.device),
+                             requires_grad=False)
         scale.weight_loader = _scale_loader(layer)  # type: ignore[attr-defined]
         layer.weight_scale = scale
 
