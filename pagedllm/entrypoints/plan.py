@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedllm.config import EngineConfig, add_engine_args, engine_kwargs_from_args
+from pagedllm.layers.quantization.checkpoint import checkpoint_quantization, resolve_quantization
+from pagedllm.layers.quantization.fp8 import FP8_KV_CACHE_DTYPES
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ImageProcessorConfig
 from pagedllm.multimodal.image_tokens import VISION_WRAPPER_TOKENS, parse_image_size
@@ -91,6 +93,7 @@ class _Settings:
     gpu_memory_utilization: float
     kv_cache_memory_bytes: int | None
     cuda_graphs: bool
+    kv_cache_dtype: str  # the model dtype, or "fp8"
 
 
 def _settings(arch: ModelArch, kwargs: dict[str, Any], device: str,
@@ -112,7 +115,8 @@ def _settings(arch: ModelArch, kwargs: dict[str, Any], device: str,
         kwargs.get("max_num_batched_tokens") or cfg.scheduler.max_num_batched_tokens,
         cfg.scheduler.enable_chunked_prefill, cfg.cache.block_size,
         cfg.cache.gpu_memory_utilization, cfg.cache.kv_cache_memory_bytes,
-        device == "cuda" and not cfg.device.enforce_eager)
+        device == "cuda" and not cfg.device.enforce_eager,
+        "fp8" if cfg.cache.kv_cache_dtype in FP8_KV_CACHE_DTYPES else dtype)
     if refused is not None:
         errors.append(refused + _config_fix(s, derived))
     return s
@@ -130,10 +134,26 @@ def _config_fix(s: _Settings, derived_max_model_len: int) -> str:
     return ""
 
 
-def _memory(arch: ModelArch, s: _Settings, params: int, total: int, free: int | None,
+def _weight_format(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
+                   dtype: str, errors: list[str]) -> str:
+    """The key of ``weight_bytes_by_dtype`` the weights take: the checkpoint's stored format
+    (even one the engine refuses, whose error goes to ``errors``), else --quantization's, else
+    the dtype."""
+    requested = kwargs.get("quantization")
+    try:
+        resolve_quantization(config, requested, kwargs.get("load_format", "auto"),
+                             arch.moe is not None)
+    except ValueError as err:
+        errors.append(str(err))
+    stored = checkpoint_quantization(config)
+    if stored is None:
+        return requested or dtype
+    return "fp8" if stored.method == "fp8" else {8: "int8", 4: "int4"}.get(stored.bits, dtype)
+
+
+def _memory(arch: ModelArch, s: _Settings, weights: int, total: int, free: int | None,
             warnings: list[str], errors: list[str]) -> dict[str, Any]:
     """The budget: weights, activation peak and CUDA graphs, and what is left for KV."""
-    weights = params * mem.dtype_bytes(s.dtype)
     phases = mem.activation_phases(arch, s.max_num_batched_tokens, s.max_num_seqs, s.dtype)
     sizes = mem.default_cuda_graph_sizes(s.max_num_seqs) if s.cuda_graphs else []
     graphs = mem.cuda_graph_reserve_estimate(arch, s.dtype, sizes)
@@ -181,21 +201,24 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
     vision = config.get("vision_config")
     vision_params = mem.count_vision_parameters(vision) if vision else 0
     params = mem.count_parameters(arch)
-    memory = _memory(arch, s, params + vision_params, total, free, warnings, errors)
-    plan = mem.KVCachePlan.from_budget(arch, s.dtype, s.block_size, s.max_model_len,
+    weight_bytes = mem.weight_bytes_by_dtype(arch, vision_params)
+    weight_format = _weight_format(arch, config, kwargs, s.dtype, errors)
+    memory = _memory(arch, s, weight_bytes[weight_format], total, free, warnings, errors)
+    plan = mem.KVCachePlan.from_budget(arch, s.kv_cache_dtype, s.block_size, s.max_model_len,
                                        memory["kv_budget_bytes"], s.max_num_batched_tokens)
     try:
         if memory["kv_budget_bytes"] > 0:
-            mem.plan_kv_cache(arch, s.dtype, s.block_size, s.max_model_len, plan.kv_cache_bytes,
-                              s.max_num_batched_tokens)
+            mem.plan_kv_cache(arch, s.kv_cache_dtype, s.block_size, s.max_model_len,
+                              plan.kv_cache_bytes, s.max_num_batched_tokens)
     except ValueError as err:
         errors.append(str(err) + _memory_fix(plan, memory))
     budget = s.max_num_batched_tokens
     report: dict[str, Any] = {
         "architecture": arch.architecture, "device": device, "dtype": s.dtype,
         "parameters": {"decoder": params, "vision": vision_params, "total": params + vision_params},
-        "weight_bytes": mem.weight_bytes_by_dtype(arch, vision_params),
-        "kv_bytes_per_token": mem.kv_bytes_per_token(arch, s.dtype),
+        "weight_bytes": weight_bytes, "weight_format": weight_format,
+        "kv_cache_dtype": s.kv_cache_dtype,
+        "kv_bytes_per_token": mem.kv_bytes_per_token(arch, s.kv_cache_dtype),
         "kv_bytes_per_block": plan.bytes_per_block, "block_size": plan.block_size,
         "memory": memory,
         "kv_cache": {"bytes": plan.kv_cache_bytes, "gib": round(plan.kv_cache_bytes / GiB, 2),
@@ -294,15 +317,16 @@ def render_table(r: dict[str, Any]) -> str:
     lines = [f"{r['model']}  {r['architecture']}  on {r['device']}, {r['dtype']}", "",
              f"Parameters: {params}", "Weights:   " + "  ".join(
                  f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()),
-             "           (int8/int4: what quantized linear layers would change; estimates)",
+             "           (fp8/int8/int4: the linear layers quantized, the rest in 16 bits)",
              f"KV cache per token: {r['kv_bytes_per_token']:,} B   per block of "
-             f"{r['block_size']}: {r['kv_bytes_per_block']:,} B", "", "Memory budget:"]
+             f"{r['block_size']}: {r['kv_bytes_per_block']:,} B   ({r['kv_cache_dtype']})", "",
+             "Memory budget:"]
     if r["device"] == "cuda":
         lines.append(f"  {m['gpu_memory_utilization']} x {_gib(m['total_bytes'])} = "
                      f"{_gib(m['usable_bytes'])}")
     else:
         lines.append(f"  RAM available: {_gib(m['total_bytes'])}")
-    rows = [("weights", m["weight_bytes"], ""),
+    rows = [(f"weights ({r['weight_format']})", m["weight_bytes"], ""),
             (f"activations ({b['max_num_batched_tokens']:,} tokens)", m["activation_bytes"],
              f"  peak in {m['activation_peak_phase']}"),
             (f"CUDA graphs ({m['cuda_graph_sizes']} sizes)", m["cuda_graph_bytes"], "")]
