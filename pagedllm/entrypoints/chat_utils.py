@@ -9,32 +9,83 @@ writes the model's placeholder); for a text model the text parts are joined into
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pagedllm.tokenizer import Tokenizer
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], takes_images: bool,
-                add_generation_prompt: bool = True, continue_final_message: bool = False
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                tools: list[dict[str, Any]] | None = None,
+                template_kwargs: dict[str, Any] | None = None
                 ) -> tuple[str, list[int], list[Any]]:
     """A conversation through the chat template: (text, its token ids, image sources in order),
     for the offline ``LLM.chat`` and the server alike. Raises ValueError on what it cannot take.
 
     ``continue_final_message`` (vLLM's, after transformers') ends the text right after the last
     message's content, so that the model continues that message rather than starting a new one.
+    ``tools`` (OpenAI's function definitions) and ``template_kwargs`` (e.g. Qwen3's
+    ``enable_thinking``) reach the template as variables.
     """
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be true.")
     rendered, images = parse_chat_messages(messages, takes_images)
+    if not _knows_tools(tokenizer.chat_template) and (tools or _has_tool_turns(rendered)):
+        rendered = tool_turns_as_text(rendered, tools)
     try:
         text = tokenizer.apply_chat_template(rendered,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt,
+                                             tools=tools or None, **(template_kwargs or {}))
     except Exception as e:  # a template's raise_exception(), a missing template
         raise ValueError(f"The chat template could not render the messages: {e}") from None
     if continue_final_message:
         text = _cut_after(text, message_text(rendered[-1]).strip())
     # The template writes the special tokens (BOS included) itself.
     return text, tokenizer.encode(text, add_special_tokens=False), images
+
+
+def _knows_tools(template: str | None) -> bool:
+    return template is not None and "tool" in template
+
+
+def _has_tool_turns(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def tool_turns_as_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+                       ) -> list[dict[str, Any]]:
+    """For a template that knows no tools (SmolLM2's): the tools are described in the system
+    message and tool calls written in the assistant's text, Hermes style (``<tool_call>``),
+    so that the model sees them. Templates that render tools get the messages as they are."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls") or []
+        text = message_text(m) + "".join(
+            "\n<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                            "arguments": _arguments(c["function"])})
+            + "\n</tool_call>" for c in calls)
+        if m.get("role") == "tool":
+            text = f"<tool_response>\n{text}\n</tool_response>"
+        out.append({**m, "content": text.strip()})
+    if tools:
+        listing = "\n".join(json.dumps(t) for t in tools)
+        prompt = ("You may call one or more functions. Function signatures, within <tools>:\n"
+                  f"<tools>\n{listing}\n</tools>\nFor each call, write a JSON object with "
+                  "the function's name and arguments within <tool_call></tool_call> tags.")
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def _arguments(function: dict[str, Any]) -> Any:
+    args = function.get("arguments", "{}")
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        return args
 
 
 def message_text(message: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ xgrammar is imported on first use: it pulls in transformers, a second or two.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -69,11 +70,13 @@ def _grammar(params: StructuredOutputsParams) -> Any:
     except ValueError:
         raise
     except Exception as e:  # xgrammar's parse errors are RuntimeErrors
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        message = _SOURCE_PREFIX.sub("", lines[0])
         raise ValueError(f"structured_outputs.{kind} is not a valid "
                          f"{_DESCRIPTION[kind]}: {message}") from None
 
 
+_SOURCE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # xgrammar's "[time] file.cc:line: "
 _DESCRIPTION = {"json": "JSON schema", "json_object": "JSON object spec", "regex": "regex",
                 "choice": "choice list", "grammar": "EBNF grammar (xgrammar's GBNF)"}
 

@@ -36,9 +36,11 @@ from pagedllm.entrypoints.openai.protocol import (
 )
 from pagedllm.entrypoints.openai.protocol_chat import ChatCompletionRequest, ChatMessage
 from pagedllm.entrypoints.openai.protocol_completion import CompletionRequest
-from pagedllm.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedllm.entrypoints.openai.reasoning_parsers import REASONING_PARSERS
+from pagedllm.entrypoints.openai.serving_chat import ChatOptions, OpenAIServingChat
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.streaming import ClientDisconnected
+from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from pagedllm.metrics.prometheus import CONTENT_TYPE, PrometheusStatLogger
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="Do not log one line per HTTP request.")
     server.add_argument("--disable-log-stats", action="store_true",
                         help="Do not print the periodic throughput / cache log line.")
+    tools = parser.add_argument_group("Tool calling and reasoning")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='Let the model call tools on its own (tool_choice "auto", the '
+                            "default with tools): needs --tool-call-parser.")
+    tools.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+                       help="How tool calls are written in the model's text: hermes "
+                            "(<tool_call> JSON: Qwen2.5, Qwen3, Hermes), llama3_json (Llama 3.x).")
+    tools.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+                       help="Split <think>...</think> off into reasoning_content: deepseek_r1, "
+                            "qwen3.")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="On SIGTERM or Ctrl-C, seconds to let requests in flight finish "
                              "before they are aborted (new requests get a 503 meanwhile).")
@@ -73,7 +85,8 @@ async def _answer(work: Awaitable[Response]) -> Response:
         return to_api_error(e).response()
 
 
-def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncLLM, api_key: str | None = None,
+              chat_options: ChatOptions | None = None) -> FastAPI:
     """The routes over ``engine``, with a Prometheus registry of this app's own."""
     app = FastAPI(title="pagedllm", version=__version__)
     install_error_handlers(app)
@@ -81,7 +94,7 @@ def build_app(engine: AsyncLLM, api_key: str | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     names = [engine.model_name]
     completion = OpenAIServingCompletion(engine, names)
-    chat = OpenAIServingChat(engine, names)
+    chat = OpenAIServingChat(engine, names, chat_options)
     cfg = engine.config
     metrics = PrometheusStatLogger(engine.model_name, cfg.scheduler.max_num_seqs,
                                    cfg.scheduler.max_num_batched_tokens or 8192)
@@ -215,13 +228,16 @@ def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
     prometheus_client.disable_created_metrics()  # no *_created series next to every metric
     kwargs = engine_kwargs_from_args(args)
+    chat_options = ChatOptions(args.enable_auto_tool_choice, args.tool_call_parser,
+                               args.reasoning_parser)
     logger.info("Starting the engine: %s", kwargs or "defaults")
     engine = AsyncLLM.from_engine_args(log_stats=not args.disable_log_stats, **kwargs)
     info = engine.core_info
     logger.info("Engine ready in %.1f s: model %s, max_model_len %d, KV cache %d blocks of %d "
                 "tokens", time.monotonic() - start, engine.model_name, engine.max_model_len,
                 info.num_blocks, info.block_size)
-    app = build_app(engine, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY"))
+    app = build_app(engine, api_key=args.api_key or os.environ.get("PAGEDLLM_API_KEY"),
+                    chat_options=chat_options)
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level,
                             access_log=not args.disable_uvicorn_access_log)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
 def random_id(prefix: str) -> str:
@@ -104,8 +104,18 @@ class DropNoneModel(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+# vLLM request fields pagedllm does not implement: refused by name when set, never ignored.
+# (Other unknown fields are ignored, as OpenAI adds fields faster than servers follow.)
+UNSUPPORTED_VLLM_FIELDS = ("logits_processors", "length_penalty", "structural_tag",
+                           "guided_whitespace_pattern", "kv_transfer_params", "vllm_xargs",
+                           "cache_salt", "documents", "mm_processor_kwargs", "chat_template",
+                           "functions", "function_call", "thinking_token_budget")
+
+
 class SamplingRequest(OpenAIModel):
     """The fields completions and chat completions share (OpenAI's plus vLLM's extras)."""
+
+    model_config = ConfigDict(extra="allow")  # extras are ignored, vLLM's unsupported refused
 
     model: str | None = None
     n: int = 1
@@ -134,6 +144,15 @@ class SamplingRequest(OpenAIModel):
     truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (-1: max_model_len)
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the response
     return_tokens_as_token_ids: bool = False  # refused: logprobs give token strings
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        """vLLM's fields in this request that pagedllm does not implement."""
+        extra = self.model_extra or {}
+        return [name for name in UNSUPPORTED_VLLM_FIELDS
+                if extra.get(name) not in (None, [], {}, "")
+                and not (name == "length_penalty" and extra[name] == 1.0)]
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -149,7 +168,8 @@ class SamplingRequest(OpenAIModel):
                     and self.stream_options.continuous_usage_stats)
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                           prompt_logprobs: int | None = None) -> SamplingParams:
+                           prompt_logprobs: int | None = None,
+                           structured: StructuredOutputsParams | None = None) -> SamplingParams:
         """Raises ``ValueError`` (a 400) on an out-of-range value, naming the field."""
         optional: dict[str, Any] = {
             name: getattr(self, name)
@@ -166,7 +186,8 @@ class SamplingRequest(OpenAIModel):
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
-            **optional)
+            structured_outputs=structured, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words, **optional)
 
 
 def _int_keys(logit_bias: dict[str, float] | None) -> dict[int, float] | None:

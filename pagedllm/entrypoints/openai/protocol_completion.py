@@ -8,9 +8,10 @@ from pydantic import BaseModel, Field
 
 from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs, PromptLogprobs
 from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo, now, random_id
+from pagedllm.entrypoints.openai.protocol_structured import StructuredFields
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(SamplingRequest, StructuredFields):
     # A string, a list of strings, token ids, or a list of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16

@@ -80,6 +80,10 @@ class OpenAIServing:
         if request.return_tokens_as_token_ids:
             raise APIError("return_tokens_as_token_ids is not supported.",
                            param="return_tokens_as_token_ids")
+        unsupported = request.unsupported_fields()
+        if unsupported:
+            raise APIError(f"{unsupported[0]} is not supported by pagedllm.",
+                           param=unsupported[0])
         n = request.truncate_prompt_tokens
         if n is not None and not (n == -1 or 1 <= n <= self.max_model_len):
             raise APIError(f"truncate_prompt_tokens must be -1 or between 1 and max_model_len "

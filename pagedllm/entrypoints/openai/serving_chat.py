@@ -1,21 +1,25 @@
 """``POST /v1/chat/completions``: messages -> chat template -> one engine request (n samples).
 
-Streaming sends each choice's ``role: assistant`` chunk first, then content deltas; a choice's
-``finish_reason`` rides on its last chunk only.
+Streaming sends each choice's ``role: assistant`` chunk first, then reasoning, content and tool
+call deltas; a choice's ``finish_reason`` rides on its last chunk only. ``ChatOptions`` are the
+server's flags for tools and reasoning (``--enable-auto-tool-choice``, ``--tool-call-parser``,
+``--reasoning-parser``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pagedllm.engine.async_llm import OutputStream
+from pagedllm.engine.async_llm import AsyncLLM, OutputStream
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.chat_utils import message_text, render_chat
+from pagedllm.entrypoints.openai.chat_output import ChoiceOutput
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import ChatLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -24,28 +28,63 @@ from pagedllm.entrypoints.openai.protocol_chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
 )
+from pagedllm.entrypoints.openai.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
 from pagedllm.entrypoints.openai.streaming import respond
+from pagedllm.entrypoints.openai.tool_calls import ToolChoice
+from pagedllm.entrypoints.openai.tool_parsers import ToolParser, get_tool_parser
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.backend import check_grammar
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """The server's tool and reasoning flags (vLLM's)."""
+
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser.")
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # an unknown name fails at start-up
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
+
+
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str],
+                 options: ChatOptions | None = None) -> None:
+        super().__init__(engine, served_model_names)
+        self.options = options or ChatOptions()
+
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         model = self.model_name(request.model)
         self._check(request)
+        tools = ToolChoice.of(request, self.options.enable_auto_tool_choice)
         prompt = self._truncate(request, await self.render(request))
-        params = self._params(request, prompt.token_ids)
+        params = self._params(request, prompt.token_ids, tools)
         request_id = random_id("chatcmpl")
         stream = await self.add(request_id, [prompt], [params])
-        job = _ChatJob(self, request, request_id, model, prompt.token_ids)
+        job = _ChatJob(self, request, request_id, model, prompt.token_ids, tools)
         return await respond(raw, job, stream, bool(request.stream))
+
+    def choice_output(self, request: ChatCompletionRequest, tools: ToolChoice) -> ChoiceOutput:
+        """A fresh reader of one choice's text (parsers keep per-choice state)."""
+        opts = self.options
+        auto: ToolParser | None = (get_tool_parser(opts.tool_call_parser)
+                                   if opts.tool_call_parser else None)
+        reasoning: ReasoningParser | None = (get_reasoning_parser(opts.reasoning_parser)
+                                             if opts.reasoning_parser else None)
+        return ChoiceOutput(reasoning, tools.parser(auto), request.include_reasoning)
 
     async def render(self, request: ChatCompletionRequest) -> ProcessedPrompt:
         """The conversation through the chat template, as token ids with its images."""
@@ -58,7 +97,9 @@ class OpenAIServingChat(OpenAIServing):
                 render_chat, self.tokenizer,
                 [m.model_dump(exclude_none=True) for m in request.messages],
                 processor.supports_images, request.add_generation_prompt,
-                request.continue_final_message)
+                request.continue_final_message,
+                [t.model_dump(exclude_none=True) for t in request.tools or []],
+                request.chat_template_kwargs)
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
         if not images:
@@ -82,29 +123,40 @@ class OpenAIServingChat(OpenAIServing):
         self.check_stream_options(request)
         self.check_vllm_fields(request)
         self.check_n(request.n)
-        if request.tools:
-            raise APIError("tools are not supported.", param="tools")
-        fmt = (request.response_format or {}).get("type", "text")
-        if fmt != "text":
-            raise APIError(f"response_format {fmt!r} is not supported.", param="response_format")
         if request.top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_logprobs(request.top_logprobs, "top_logprobs")
         self.check_prompt_logprobs(request.prompt_logprobs, request.stream)
 
-    def _params(self, request: ChatCompletionRequest, token_ids: list[int]) -> SamplingParams:
+    def _params(self, request: ChatCompletionRequest, token_ids: list[int],
+                tools: ToolChoice) -> SamplingParams:
         self.check_prompt(token_ids, "messages")
         max_tokens = self.resolve_max_tokens(len(token_ids), request.max_output_tokens,
                                              "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        return request.to_sampling_params(max_tokens, logprobs, request.prompt_logprobs)
+        structured = request.structured_params()
+        if tools.constrained:
+            if structured is not None:
+                raise APIError(f"tool_choice {tools.mode} cannot be combined with another "
+                               "structured output (response_format, structured_outputs, "
+                               "guided_*).", param="tool_choice")
+            structured = tools.constraint(request)
+            try:
+                check_grammar(structured)
+            except ValueError as e:
+                raise APIError(f"tools: a function's parameters are not a valid JSON schema: "
+                               f"{e}", param="tools") from None
+        return request.to_sampling_params(max_tokens, logprobs, request.prompt_logprobs,
+                                          structured)
 
 
 class _ChatJob:
     def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest,
-                 request_id: str, model: str, prompt_token_ids: list[int]) -> None:
+                 request_id: str, model: str, prompt_token_ids: list[int],
+                 tools: ToolChoice) -> None:
         self.s = serving
         self.request = request
+        self.outputs = [serving.choice_output(request, tools) for _ in range(request.n)]
         self.request_id = request_id
         self.model = model
         self.created = now()
@@ -126,11 +178,16 @@ class _ChatJob:
             final = out
         assert final is not None  # the stream ends only after a finished output
         samples = sorted(final.outputs, key=lambda o: o.index)
-        choices = [ChatChoice(index=o.index,
-                              message=ChatResponseMessage(content=self.echo + o.text),
-                              logprobs=self._logprobs(o), finish_reason=o.finish_reason,
-                              stop_reason=o.stop_reason, token_ids=self._token_ids(o))
-                   for o in samples]
+        choices = []
+        for o in samples:
+            reader = self.outputs[o.index]
+            message = reader.message(o.text)
+            if self.echo:
+                message.content = self.echo + (message.content or "")
+            choices.append(ChatChoice(
+                index=o.index, message=message, logprobs=self._logprobs(o),
+                finish_reason=reader.finish_reason(o.finish_reason), stop_reason=o.stop_reason,
+                token_ids=self._token_ids(o)))
         usage = UsageInfo.of(len(final.prompt_token_ids),
                              sum(len(o.token_ids) for o in samples))
         return ChatCompletionResponse(
@@ -156,9 +213,15 @@ class _ChatJob:
                     continue
                 usage = UsageInfo.of(prompt_tokens, completion_tokens) \
                     if self.request.continuous_usage else None
+                reader = self.outputs[sample.index]
+                deltas = reader.deltas(sample.text, sample.finish_reason is not None)
+                # The token's extras (logprobs, ids, finish) ride on the last of its deltas.
+                for delta in deltas[:-1]:
+                    yield self._chunk([ChatStreamChoice(index=sample.index, delta=delta)])
                 yield self._chunk([ChatStreamChoice(
-                    index=sample.index, delta=DeltaMessage(content=sample.text),
-                    logprobs=self._logprobs(sample), finish_reason=sample.finish_reason,
+                    index=sample.index, delta=deltas[-1] if deltas else DeltaMessage(),
+                    logprobs=self._logprobs(sample),
+                    finish_reason=reader.finish_reason(sample.finish_reason),
                     stop_reason=sample.stop_reason, token_ids=self._token_ids(sample))], usage)
         if self.request.include_usage:
             yield self._chunk([], UsageInfo.of(prompt_tokens, completion_tokens))

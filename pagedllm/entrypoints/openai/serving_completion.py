@@ -68,7 +68,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_logprobs = request.prompt_logprobs
         if request.echo and request.logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
-        return request.to_sampling_params(max_tokens, request.logprobs, prompt_logprobs)
+        return request.to_sampling_params(max_tokens, request.logprobs, prompt_logprobs,
+                                          request.structured_params())
 
 
 class _Job:
