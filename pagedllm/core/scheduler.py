@@ -15,16 +15,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.multimodal.inputs import ImageFeature, MRopePositions  # noqa: TC001 (msgspec reads them)
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.bitmask import StepBitmask
-
-if TYPE_CHECKING:
-    from pagedllm.multimodal.inputs import ImageFeature, MRopePositions
 
 logger = logging.getLogger(__name__)
 

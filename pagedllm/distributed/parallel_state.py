@@ -24,6 +24,8 @@ class TensorParallelGroup:
 
 
 _GROUP = TensorParallelGroup()
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def tp_group() -> TensorParallelGroup:
@@ -45,6 +47,10 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str,
     global _GROUP
     if world_size == 1:
         return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # the ranks of one host share its cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
@@ -60,6 +66,8 @@ def destroy_tensor_parallel() -> None:
     if _GROUP.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     _GROUP = TensorParallelGroup()
+# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +81,10 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """[..., n] on each rank -> [..., n * size], rank r's part at r * n."""
     if _GROUP.size == 1:
         return x
-    out = torch.empty((_GROUP.size, *x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=_GROUP.device_group)
-    return out.movedim(0, -2).reshape(*x.shape[:-1], _GROUP.size * x.shape[-1])
+    out = torch.empty((_GROUP.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x.contiguous(), group=_GROUP.device_group)
+    parts = out.view(_GROUP.size, *x.shape).movedim(0, -2)  # [..., size, n]
+    return parts.reshape(*x.shape[:-1], _GROUP.size * x.shape[-1])
 
 
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:

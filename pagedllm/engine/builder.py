@@ -13,7 +13,10 @@ from torch import nn
 
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import EngineConfig
+from pagedllm.distributed.launch import tensor_parallel_size
+from pagedllm.distributed.parallel_state import min_over_ranks, tp_group
 from pagedllm.engine.core import EngineCore
+from pagedllm.engine.executor import UniProcExecutor, start_workers
 from pagedllm.engine.inputs import InputProcessor
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import create_quantized_weights, quantize_model
@@ -25,6 +28,7 @@ from pagedllm.models.registry import model_class
 from pagedllm.multimodal.image_processor import ImageProcessorConfig, process_image
 from pagedllm.tokenizer import Tokenizer, load_tokenizer, placeholder_tokenizer
 from pagedllm.worker import memory
+from pagedllm.worker.memory import KVCachePlan
 from pagedllm.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -54,7 +58,9 @@ def resolve_engine_args(kwargs: dict[str, Any]) -> tuple[ModelSource, ModelArch,
     end and core, maybe in two processes) read from the same arguments."""
     source = resolve_model(kwargs.get("model"))
     arch = ModelArch.from_hf_config(load_hf_config(source))
-    return source, arch, EngineConfig.create(arch.max_position_embeddings, **kwargs)
+    config = EngineConfig.create(arch.max_position_embeddings, **kwargs)
+    arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
+    return source, arch, config
 
 
 def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
@@ -73,18 +79,35 @@ def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
 
 
 def build_core(kwargs: dict[str, Any]) -> EngineCore:
-    """Loads the model, sizes and allocates the KV cache, captures CUDA graphs."""
+    """Loads the model, sizes and allocates the KV cache, captures CUDA graphs (on every
+    tensor-parallel rank, each its shard, when there are several)."""
+    if tensor_parallel_size(kwargs) > 1:
+        executor, (config, plan) = start_workers(kwargs, build_runner)
+    else:
+        runner, (config, plan) = build_runner(kwargs)
+        executor = UniProcExecutor(runner)
+    return EngineCore(config, executor, plan.num_blocks, plan.sliding_window)
+
+
+def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfig, KVCachePlan]]:
+    """This rank's runner, with its model shard, KV cache (as many blocks as the smallest rank
+    has room for) and CUDA graphs."""
     start = time.perf_counter()
     source, arch, config = resolve_engine_args(kwargs)
+    tp = tp_group()
     device = torch.device(config.device.resolved())
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(config.model.dtype, device)
     kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
     _note_cpu_fp8(config, device)
     torch.manual_seed(config.model.seed)
     model = load_model(source, arch, config, device, dtype)
     weights = memory.loaded_weight_bytes(model)
-    logger.info("Loaded %s (%s, %.2f GiB of weights, %s on %s) in %.1f s", source.name,
-                arch.architecture, weights / 2**30, dtype, device, time.perf_counter() - start)
+    per_rank = f" per rank, {tp.size} ranks" if tp.size > 1 else ""
+    logger.info("Loaded %s (%s, %.2f GiB of weights%s, %s on %s) in %.1f s", source.name,
+                arch.architecture, weights / 2**30, per_rank, dtype, device,
+                time.perf_counter() - start)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
     runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device, kv_dtype)
     image_config = None
@@ -97,16 +120,22 @@ def build_core(kwargs: dict[str, Any]) -> EngineCore:
     kv_bytes = config.cache.kv_cache_memory_bytes
     if kv_bytes is None:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
-            _profile_gpu_kv_cache_bytes(runner, config, arch, dtype, weights, graph_sizes,
-                                        image_config)
-    plan = memory.plan_kv_cache(arch, kv_dtype, config.cache.block_size,
+            _profile_gpu_kv_cache_bytes(runner, config, arch.rank_view(tp.size), dtype,
+                                        weights, graph_sizes, image_config)
+    rank_arch = arch.rank_view(tp.size)
+    plan = KVCachePlan.from_budget(rank_arch, kv_dtype, config.cache.block_size,
+                                          config.model.max_model_len, kv_bytes)
+    # every rank holds the same blocks: as many as the smallest has room for
+    kv_bytes = min_over_ranks(plan.num_blocks) * plan.bytes_per_block
+    plan = memory.plan_kv_cache(rank_arch, kv_dtype, config.cache.block_size,
                                 config.model.max_model_len, kv_bytes,
                                 config.scheduler.max_num_batched_tokens)
-    memory.log_kv_cache_plan(plan, logger, device.type)
+    if tp.rank == 0:
+        memory.log_kv_cache_plan(plan, logger, device.type, tp.size)
     runner.allocate_kv_cache(plan.num_blocks)
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
-    return EngineCore(config, runner, plan.num_blocks, plan.sliding_window)
+    return runner, (config, plan)
 
 
 def _note_cpu_fp8(config: EngineConfig, device: torch.device) -> None:

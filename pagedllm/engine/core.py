@@ -1,6 +1,7 @@
 """EngineCore: token ids in, token ids out, one ``step()`` at a time.
 
-It owns the scheduler, the KV cache manager and the model runner; it knows no text, no tokenizer
+It owns the scheduler, the KV cache manager and the executor (the model runner, or one per
+tensor-parallel rank, ``engine.executor``); it knows no text, no tokenizer
 and no HTTP. ``step()`` = schedule -> launch the model -> apply the sampled tokens (token-level stop
 rules: EOS, stop token ids, length) -> one ``EngineCoreOutputs``. With async scheduling (on a GPU)
 the tokens applied are the previous step's, while this one runs. ``engine.core_proc`` runs it in
@@ -16,7 +17,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -35,6 +36,9 @@ from pagedllm.structured_output.backend import compiler_for_model
 from pagedllm.structured_output.manager import StructuredOutputManager, needs_mask
 from pagedllm.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
+if TYPE_CHECKING:
+    from pagedllm.engine.executor import UniProcExecutor
+
 logger = logging.getLogger(__name__)
 
 _REASONS = {RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
@@ -44,14 +48,14 @@ _REASONS = {RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, num_blocks: int,
+    def __init__(self, config: EngineConfig, executor: UniProcExecutor, num_blocks: int,
                  sliding_window: int = 0) -> None:
         """``sliding_window``: every attention layer's window (0: full attention somewhere);
         the KV cache manager frees the blocks a request's queries no longer reach."""
         self.config = config
-        self.runner = runner
+        self.executor = executor
         flag = config.scheduler.async_scheduling
-        self.async_scheduling = runner.device.type == "cuda" if flag is None else flag
+        self.async_scheduling = self.runner.device.type == "cuda" if flag is None else flag
         self.kv_cache = KVCacheManager(num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching, sliding_window)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -76,6 +80,11 @@ class EngineCore:
         from pagedllm.engine.builder import build_core
 
         return build_core(kwargs)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """This process's model runner (rank 0's with tensor parallelism)."""
+        return self.executor.runner
 
     @property
     def info(self) -> EngineCoreInfo:
@@ -124,7 +133,7 @@ class EngineCore:
     def _forget(self, req: Request) -> None:
         self._exact.discard(req.request_id)
         self.structured.free(req.request_id)
-        self.runner.free_request(req.request_id)
+        self.executor.free_request(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.num_unfinished > 0 or self._in_flight is not None
@@ -158,8 +167,10 @@ class EngineCore:
             [(s.request_id, self.scheduler.requests[s.request_id].output_token_ids)
              for s in sched.scheduled if s.samples])
         try:
-            launched = self.runner.launch(sched)
+            launched = self.executor.launch(sched)
         except Exception as e:
+            if not self.executor.retry_failed_steps:
+                raise
             outputs += self._finish_in_flight()
             outputs += self._run_alone(sched, e)
             return self._message(outputs, first)
@@ -251,7 +262,7 @@ class EngineCore:
                                     structured=sched.structured and sched.structured.select(
                                         _sampling_row(sched, s.request_id)))
             try:
-                result = self.runner.launch(alone).result()
+                result = self.executor.launch(alone).result()
             except Exception as e:
                 logger.exception("Request %s failed", s.request_id)
                 outputs.append(self._fail(s, e))

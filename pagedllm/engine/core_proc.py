@@ -127,6 +127,8 @@ def run_engine_core(engine_kwargs: dict[str, Any], input_address: str, output_ad
         proc = EngineCoreProc(core, input_socket, output_socket, parent_pid)
         try:
             proc.run()
+        except SystemExit:
+            raise
         except BaseException as e:
             logger.exception("The engine core failed")
             output_socket.send_multipart(encoder.encode(Kind.FAILED, _describe(e)))
@@ -167,6 +169,9 @@ def main() -> int:
     # Ctrl-C in a terminal reaches the whole process group: the front end decides when the core
     # stops (it drains requests first), so the core ignores it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (a front end stopping at interpreter exit) exits through the interpreter's own
+    # exit, so that the tensor-parallel workers are told to stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     kwargs = json.loads(sys.stdin.read())
     code = run_engine_core(kwargs, args.input, args.output, args.parent_pid)
     if os.getppid() != args.parent_pid and args.input.startswith("ipc://"):

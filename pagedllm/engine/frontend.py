@@ -11,6 +11,7 @@ import copy
 from typing import Any
 
 from pagedllm.core.scheduler import check_prompt_fits
+from pagedllm.distributed.launch import become_worker_if_torchrun, tensor_parallel_size
 from pagedllm.engine.builder import FrontendParts, build_frontend
 from pagedllm.engine.core_client import MPClient
 from pagedllm.engine.inputs import ProcessedPrompt, PromptType
@@ -78,7 +79,14 @@ class Frontend:
 def start_with_core(engine_kwargs: dict[str, Any],
                     in_thread: bool = False) -> tuple[Frontend, MPClient]:
     """Starts the engine core in a process of its own (or on a thread), builds the front end
-    (tokenizer, image processor) while the core loads the model, and waits until it is ready."""
+    (tokenizer, image processor) while the core loads the model, and waits until it is ready.
+
+    On a torchrun rank other than 0 it never returns: the process serves as that rank's
+    tensor-parallel worker, then exits."""
+    become_worker_if_torchrun(engine_kwargs)
+    if in_thread and tensor_parallel_size(engine_kwargs) > 1:
+        raise ValueError("with tensor parallelism the engine core runs in a process of its own "
+                         "(its workers' watchdog may end it)")
     client = MPClient(engine_kwargs, in_thread)
     try:
         frontend = Frontend.from_engine_args(engine_kwargs)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from pagedllm.distributed.launch import tensor_parallel_size
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.core_client import InprocClient, MPClient
 from pagedllm.engine.frontend import Frontend, start_with_core
@@ -36,8 +37,9 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, engine_process: bool = False, **kwargs: Any) -> LLMEngine:
-        """Builds the engine from flat arguments (``pagedllm.config`` field names)."""
-        if not engine_process:
+        """Builds the engine from flat arguments (``pagedllm.config`` field names). With
+        tensor parallelism the core always runs in a process of its own."""
+        if not engine_process and tensor_parallel_size(kwargs) == 1:
             return cls(Frontend.from_engine_args(kwargs), InprocClient(kwargs))
         return cls(*start_with_core(kwargs))
 

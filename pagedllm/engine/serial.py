@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 import torch
 
+from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.engine.messages import (
     EngineCoreInfo,
     EngineCoreOutputs,
@@ -26,6 +27,14 @@ from pagedllm.engine.messages import (
 
 _ARRAY_EXT = 1
 _INLINE_BYTES = 512  # smaller arrays travel inside the body
+
+
+class StepMessage(msgspec.Struct, array_like=True, gc=False):
+    """Engine core -> tensor-parallel workers: a step to launch (None: stop), after freeing
+    the requests that finished since the last one."""
+
+    freed: list[str]
+    sched: SchedulerOutput | None
 
 
 class Kind(bytes, enum.Enum):
@@ -39,6 +48,8 @@ class Kind(bytes, enum.Enum):
     OUTPUTS = b"O"
     RESULT = b"V"
     FAILED = b"F"  # the core could not start, or died: a message for the user
+    # core -> tensor-parallel workers
+    STEP = b"P"
 
 
 _TYPES: dict[Kind, Any] = {
@@ -50,6 +61,7 @@ _TYPES: dict[Kind, Any] = {
     Kind.OUTPUTS: EngineCoreOutputs,
     Kind.RESULT: UtilityResult,
     Kind.FAILED: str,
+    Kind.STEP: StepMessage,
 }
 
 

@@ -10,7 +10,7 @@ Mixture-of-experts decoders (Mixtral, Qwen3-MoE) add a ``MoeArch`` for their rou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # transformers' rope_type values (``ROPE_INIT_FUNCTIONS`` plus "default")
@@ -318,6 +318,17 @@ class ModelArch:
         """The KV heads each of ``tp_size`` ranks holds (one, replicated, when there are more
         ranks than heads)."""
         return max(1, self.num_kv_heads // tp_size)
+
+    def rank_view(self, tp_size: int) -> ModelArch:
+        """The numbers one of ``tp_size`` ranks computes with: its query and KV heads and its
+        slice of the MLP (what sizes a rank's KV cache and activations)."""
+        if tp_size == 1:
+            return self
+        moe = self.moe and replace(self.moe,
+                                   intermediate_size=self.moe.intermediate_size // tp_size)
+        return replace(self, num_heads=self.num_heads // tp_size,
+                       num_kv_heads=self.kv_heads_per_rank(tp_size),
+                       intermediate_size=self.intermediate_size // tp_size, moe=moe)
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Raises ValueError, naming the number, if the layers cannot split over ``tp_size``

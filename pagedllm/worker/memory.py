@@ -347,10 +347,13 @@ def gpu_kv_cache_budget(total_bytes: int, gpu_memory_utilization: float, weight_
     return left
 
 
-def log_kv_cache_plan(plan: KVCachePlan, logger: logging.Logger, device: str = "cuda") -> None:
-    """The start-up lines vLLM users look for (same wording, same numbers)."""
+def log_kv_cache_plan(plan: KVCachePlan, logger: logging.Logger, device: str = "cuda",
+                      tp_size: int = 1) -> None:
+    """The start-up lines vLLM users look for (same wording, same numbers; with tensor
+    parallelism the memory is each rank's, the tokens are the engine's)."""
     prefix = "GPU " if device.startswith("cuda") else ""
-    logger.info("Available KV cache memory: %.2f GiB", plan.kv_cache_bytes / GiB)
+    per_rank = f" per rank ({tp_size} ranks)" if tp_size > 1 else ""
+    logger.info("Available KV cache memory: %.2f GiB%s", plan.kv_cache_bytes / GiB, per_rank)
     logger.info("%sKV cache size: %s tokens", prefix, f"{plan.num_tokens:,}")
     if plan.window_tokens:  # vLLM's figure too: what a sliding-window request holds at most
         logger.info("Sliding window of %d on every layer: a request holds at most %s KV cache "

@@ -4,6 +4,10 @@ Per step it flattens the scheduled tokens of all requests into one batch (no pad
 input ids, positions, the slot of each token in the paged cache, and per request its query
 range, context length and block table. Only the rows that reach a request's last token are
 turned into logits (plus the prompt rows of requests asking for prompt logprobs).
+
+With tensor parallelism every rank runs a runner over the same steps, with its shard of the
+model and its KV heads; the logits are gathered on every rank, rank 0 (the driver) samples and
+broadcasts the sampled ids, which the other ranks need as their next step's inputs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pagedllm.attention.backend import (
     forward_context,
 )
 from pagedllm.core.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
+from pagedllm.distributed.parallel_state import broadcast, tp_group
 from pagedllm.engine.messages import LogprobsEntry
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ProcessedImage
@@ -98,6 +103,9 @@ class ModelRunner:
         self.model, self.arch, self.backend = model, arch, backend
         self.block_size, self.dtype, self.device = block_size, dtype, device
         self.kv_cache_dtype = kv_cache_dtype or dtype  # float8_e4m3fn with --kv-cache-dtype fp8
+        tp = tp_group()
+        self.driver = tp.rank == 0  # samples; the other ranks receive its tokens
+        self.num_kv_heads = arch.kv_heads_per_rank(tp.size)
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.requests: dict[str, NewRequestData] = {}  # what the runner knows of each request
@@ -110,7 +118,7 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (2, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.arch.head_dim)
         self.kv_caches = []  # release the old cache before taking the new one
         # Not zeroed (a multi-GiB memset slows start-up). Block 0 pads block tables, so it must
         # hold finite values; backends that read whole blocks clear a block when its first
@@ -190,7 +198,8 @@ class ModelRunner:
         # Host-to-device copies before the forward is queued, so none of them waits for it.
         if sampling:
             rows = to_device(np.array([row for _, row in sampling]), self.device)
-            tensors = self._sampling_tensors(requests, self.arch.vocab_size)
+            if self.driver:
+                tensors = self._sampling_tensors(requests, self.arch.vocab_size)
         images = None
         if self.arch.mrope_section:
             positions = to_device(step_mrope_positions(sched.scheduled, self.requests,
@@ -203,13 +212,19 @@ class ModelRunner:
             hidden = self.forward(input_ids, positions, metadata, images)
         step = LaunchedStep(requests)
         if sampling:
-            if sched.structured is not None:  # some rows' token masks (grammars, ...)
-                tensors.bitmask_rows = to_device(sched.structured.rows, self.device)
-                tensors.token_bitmask = to_device(sched.structured.bitmask, self.device)
-            step.sampled = self.sampler(self.model.compute_logits(hidden[rows]), tensors)
-            step.copy_to_host()
-            self._last_sampled = (step.sampled.token_ids,
-                                  {r.request_id: i for i, r in enumerate(requests)})
+            logits = self.model.compute_logits(hidden[rows])
+            if self.driver:
+                if sched.structured is not None:  # some rows' token masks (grammars, ...)
+                    tensors.bitmask_rows = to_device(sched.structured.rows, self.device)
+                    tensors.token_bitmask = to_device(sched.structured.bitmask, self.device)
+                step.sampled = self.sampler(logits, tensors)
+                token_ids = step.sampled.token_ids
+            else:
+                token_ids = torch.empty(len(requests), dtype=torch.int64, device=self.device)
+            broadcast(token_ids)
+            if self.driver:
+                step.copy_to_host()
+            self._last_sampled = (token_ids, {r.request_id: i for i, r in enumerate(requests)})
         self._prompt_logprobs(sched.scheduled, hidden, metadata, step.output)
         return step
 
@@ -347,7 +362,10 @@ class ModelRunner:
             if first >= last:
                 continue
             rows = hidden[starts[i]:starts[i] + last - first]
-            logprobs = self.model.compute_logits(rows).log_softmax(dim=-1)
+            logits = self.model.compute_logits(rows)  # a collective: every rank computes it
+            if not self.driver:
+                continue
+            logprobs = logits.log_softmax(dim=-1)
             targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=self.device)
             ids, lps, ranks = gather_logprobs(logprobs, targets, k)
             out.prompt_logprobs.append(
