@@ -1,8 +1,10 @@
 """GPU throughput and latency against the bandwidth roofline and transformers (run on a GPU).
 
-    python benchmarks/gpu_bench.py [--quick] [--skip-transformers]
+    python benchmarks/gpu_bench.py [--quick] [--skip-transformers] [--quantization fp8]
+                                   [--kv-cache-dtype fp8]
 
-Random weights (``--load-format dummy``) of the configs in benchmarks/configs, bf16. Workloads:
+Random weights (``--load-format dummy``) of the configs in benchmarks/configs, bf16 (the two
+flags as the engine's: FP8 weights, FP8 KV cache). Workloads:
 nano-vllm's (256 sequences, input and output uniform in [100, 1024], ignore_eos) on Qwen3-0.6B and
 Llama-3.2-1B shapes; 500 requests of about 200 input / 180 output tokens on Llama-3.1-8B; batch-1
 decode step time; transformers' batched generate on the Qwen3-0.6B workload. The roofline of a
@@ -74,9 +76,9 @@ def sharegpt_like_workload(n: int = 500, seed: int = 0, vocab: int = 10000) -> W
 def roofline_tokens_per_s(llm: LLM, workload: Workload, max_num_seqs: int, bw: float) -> float:
     """Output tokens/s if every decode step only read the weights and the live KV cache:
     simulate the decode steps (requests start together, max_num_seqs at a time)."""
-    arch = llm.engine.core.runner.arch
-    weights = memory.loaded_weight_bytes(llm.engine.core.runner.model)
-    kv_tok = memory.kv_bytes_per_token(arch, llm.engine.core.runner.dtype)
+    runner = llm.engine.core.runner
+    weights = memory.loaded_weight_bytes(runner.model)
+    kv_tok = memory.kv_bytes_per_token(runner.arch, runner.kv_cache_dtype)
     pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
     running: list[list[int]] = []
     seconds, tokens = 0.0, 0
@@ -133,8 +135,8 @@ class GpuSpans:
 
 
 def throughput_row(config: str, workload: Workload, bw: float, target: str,
-                   max_num_seqs: int = 256) -> tuple[Row, LLM]:
-    llm = make_llm(config, max_num_seqs=max_num_seqs, max_model_len=4096)
+                   max_num_seqs: int = 256, **engine_args) -> tuple[Row, LLM]:
+    llm = make_llm(config, max_num_seqs=max_num_seqs, max_model_len=4096, **engine_args)
     run_pagedllm(llm, Workload(workload.prompts[:4], [8] * 4), "warm-up")
     with GpuSpans(llm) as spans:
         result = run_pagedllm(llm, workload)
@@ -155,10 +157,18 @@ def activation_row(config: str, llm: LLM) -> Row:
                "estimate within 10%")
 
 
-def batch1_row(config: str, bw: float, target: str) -> Row:
+def batch1_row(config: str, bw: float, target: str, **engine_args) -> Row:
     """Median wall time of one decode step of a lone request (128-token prompt, prefill
     excluded): engine.step() end to end, host work included."""
-    llm = make_llm(config, max_num_seqs=8, max_model_len=4096)
+    llm = make_llm(config, max_num_seqs=8, max_model_len=4096, **engine_args)
+    step_ms, roof_ms = batch1_step_ms(llm, bw)
+    release(llm)
+    return Row(f"{config}: batch-1 decode step", step_ms, "ms", roof_ms, target)
+
+
+def batch1_step_ms(llm: LLM, bw: float) -> tuple[float, float]:
+    """(median ms of a lone request's decode step, its roofline in ms: the weights and the
+    request's mean KV cache read once at ``bw``)."""
     run_pagedllm(llm, Workload([list(range(100, 228))], [16]), "warm-up")
     n = 256
     engine = llm.engine
@@ -171,12 +181,10 @@ def batch1_row(config: str, bw: float, target: str) -> Row:
         engine.step()
         times.append(time.perf_counter() - start)
     step_ms = 1000 * float(np.median(times))
-    weights = memory.loaded_weight_bytes(engine.core.runner.model)
-    kv = memory.kv_bytes_per_token(engine.core.runner.arch, torch.bfloat16) * (128 + n / 2)
-    roof_ms = 1000 * (weights + kv) / bw
-    del engine
-    release(llm)
-    return Row(f"{config}: batch-1 decode step", step_ms, "ms", roof_ms, target)
+    runner = engine.core.runner
+    weights = memory.loaded_weight_bytes(runner.model)
+    kv = memory.kv_bytes_per_token(runner.arch, runner.kv_cache_dtype) * (128 + n / 2)
+    return step_ms, 1000 * (weights + kv) / bw
 
 
 def profile_decode(config: str, batch: int, prompt_len: int, steps: int = 20) -> None:
@@ -244,7 +252,10 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="only profile host time of decode steps")
+    parser.add_argument("--quantization", choices=["fp8"], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = parser.parse_args()
+    engine_args = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.profile:
         profile_decode("llama-3.2-1b", 1, 128)
@@ -255,7 +266,7 @@ def main() -> None:
     rows = [Row("device copy bandwidth", bw / 1e9, "GB/s")]
     nano = nano_vllm_workload(n_nano)
     activations = []
-    row, llm = throughput_row("qwen3-0.6b", nano, bw, ">= 15,000 tok/s")
+    row, llm = throughput_row("qwen3-0.6b", nano, bw, ">= 15,000 tok/s", **engine_args)
     rows.append(row)
     activations.append(activation_row("qwen3-0.6b", llm))
     release(llm)
@@ -267,17 +278,17 @@ def main() -> None:
             torch.cuda.empty_cache()
             rows.append(Row("qwen3-0.6b: transformers generate: out of memory", 0.0, ""))
     row, llm = throughput_row("llama-3.2-1b", nano_vllm_workload(n_nano, seed=1), bw,
-                              ">= 25,000 tok/s")
+                              ">= 25,000 tok/s", **engine_args)
     rows.append(row)
     activations.append(activation_row("llama-3.2-1b", llm))
     release(llm)
     row, llm = throughput_row("llama-3.1-8b", sharegpt_like_workload(n_8b), bw,
-                              ">= 6,500 tok/s")
+                              ">= 6,500 tok/s", **engine_args)
     rows.append(row)
     activations.append(activation_row("llama-3.1-8b", llm))
     release(llm)
-    rows.append(batch1_row("llama-3.2-1b", bw, "<= 1.3x roofline (0.82 ms)"))
-    rows.append(batch1_row("llama-3.1-8b", bw, "<= 1.3x roofline (5.0 ms)"))
+    rows.append(batch1_row("llama-3.2-1b", bw, "<= 1.3x roofline (0.82 ms)", **engine_args))
+    rows.append(batch1_row("llama-3.1-8b", bw, "<= 1.3x roofline (5.0 ms)", **engine_args))
     rows += activations
     print(f"\n{'measurement':<46} {'value':>12} {'unit':<6} {'roofline':>12} {'ratio':>6}  target")
     for r in rows:

@@ -1,8 +1,8 @@
-"""FP8 through the whole engine on the CPU (emulated, the GPU's arithmetic): --quantization fp8
-and --kv-cache-dtype fp8 score a prompt close to the model dtype; the FP8 cache holds 4x the
-tokens of a float32 one; FP8 checkpoints (compressed-tensors per-channel, quant_method fp8
-per-tensor) load into the same layers as quantizing at load; formats pagedllm cannot load are
-refused by name."""
+"""FP8 through the whole engine on the CPU (emulated, the GPU's arithmetic; the CPU even where a
+GPU is, whose engine benchmarks/gpu_fp8.py measures): --quantization fp8 and --kv-cache-dtype
+fp8 score a prompt close to the model dtype; the FP8 cache holds 4x the tokens of a float32 one;
+FP8 checkpoints (compressed-tensors per-channel, quant_method fp8 per-tensor) load into the same
+layers as quantizing at load; formats pagedllm cannot load are refused by name."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ VOCAB = 256
 PROMPT = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(0)).tolist()
 SCORE = SamplingParams(max_tokens=1, prompt_logprobs=0)
 KV_BYTES = 1 << 20
+CPU = {"device": "cpu", "kv_cache_memory_bytes": KV_BYTES}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def prompt_logprobs(model: Path, **kwargs) -> torch.Tensor:
     """The logprob of each prompt token given the ones before it (teacher forcing)."""
-    llm = LLM(str(model), kv_cache_memory_bytes=KV_BYTES, **kwargs)
+    llm = LLM(str(model), **CPU, **kwargs)
     out = llm.generate([PROMPT], SCORE, use_tqdm=False)[0]
     return torch.tensor([lp[t].logprob for lp, t in zip(out.prompt_logprobs[1:], PROMPT[1:])])
 
@@ -56,7 +57,7 @@ def test_fp8_kv_cache_holds_4x_the_float32_tokens(checkpoint: Path, caplog) -> N
     for kv in ("auto", "fp8"):
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            LLM(str(checkpoint), kv_cache_memory_bytes=KV_BYTES, kv_cache_dtype=kv)
+            LLM(str(checkpoint), **CPU, kv_cache_dtype=kv)
         line = next(r.getMessage() for r in caplog.records if "KV cache size" in r.getMessage())
         tokens.append(int(re.search(r"([\d,]+) tokens", line).group(1).replace(",", "")))
     assert tokens[1] == 4 * tokens[0]
@@ -128,4 +129,4 @@ def test_unloadable_checkpoints_are_refused(checkpoint: Path, tmp_path: Path,
     for name in ("model.safetensors", "tokenizer.json"):
         (folder / name).symlink_to(checkpoint / name)
     with pytest.raises(ValueError, match=match):
-        LLM(str(folder), kv_cache_memory_bytes=KV_BYTES, **kwargs)
+        LLM(str(folder), **CPU, **kwargs)

@@ -72,8 +72,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """
     rows = x.reshape(-1, x.shape[-1])
     xq, x_scale = quantize_rows(rows)
-    # Row-wise scaled products write bf16 (cuBLAS has no fp16 output for them).
-    out_dtype = torch.bfloat16 if x.dtype == torch.float16 else x.dtype
+    # cuBLAS's row-wise scaled products write bf16 only (the CPU's write any float dtype).
+    out_dtype = torch.bfloat16 if x.is_cuda or x.dtype == torch.float16 else x.dtype
     fused_bias = bias is not None and bias.dtype == out_dtype
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale,
                            bias=bias if fused_bias else None, out_dtype=out_dtype)

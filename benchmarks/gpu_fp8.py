@@ -1,0 +1,207 @@
+"""FP8 on the GPU (issue 16): kernel tests, accuracy against bf16, speed. Run on an H200:
+
+    python benchmarks/gpu_fp8.py [--quick] [--skip-tests]
+
+1. The FP8 kernel tests (and the kernels they touch) on CUDA, against the CPU reference.
+2. Accuracy on the Llama-3.1-8B shape with random weights (the same weights in every run:
+   ``--load-format dummy`` with one seed; only the FP8 steps differ): bf16 against
+   ``--quantization fp8`` and against ``--kv-cache-dtype fp8``. Each scores the bf16 run's
+   greedy continuations (32 tokens after each prompt) by teacher forcing, so the logprobs of
+   the same tokens are compared (mean and max absolute difference), and runs its own greedy
+   decoding, whose tokens are compared with bf16's position by position over the first 32.
+3. Speed, with gpu_bench's workloads and functions: the 8B batch-1 decode step against its
+   bandwidth floor and the 500-request throughput, bf16 and fp8 weights (and fp8 KV).
+4. nano-vllm's workload on the Qwen3-0.6B shape with bf16 and fp8 KV, and the KV cache tokens
+   each start-up logs.
+
+A short table comes last. Engine logs go to stderr at WARNING, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import (  # noqa: E402
+    Row,
+    batch1_step_ms,
+    copy_bandwidth,
+    nano_vllm_workload,
+    release,
+    sharegpt_like_workload,
+    throughput_row,
+)
+
+from pagedllm import LLM, SamplingParams  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = ["tests/kernels/test_fp8_quant.py", "tests/kernels/test_fp8_kv_cache.py",
+         "tests/kernels/test_kv_cache_write.py", "tests/kernels/test_paged_attention.py",
+         "tests/quantization/test_fp8_linear.py"]
+POSITIONS = 32  # greedy positions compared
+VARIANTS = {"bf16": {}, "fp8 weights": {"quantization": "fp8"},
+            "fp8 KV cache": {"kv_cache_dtype": "fp8"}}
+
+
+def run_tests() -> str:
+    """pytest of the FP8 kernels on CUDA (in parallel where pytest-xdist is installed)."""
+    xdist = ["-n", "8"] if _has_module("xdist") else []
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *xdist, *TESTS], cwd=REPO, capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n", file=sys.stderr)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "no output"
+    return f"{'passed' if proc.returncode == 0 else 'FAILED'}: {summary}"
+
+
+def _has_module(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return False
+    return True
+
+
+def accuracy_prompts(n: int, seed: int = 7, vocab: int = 10000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(64, 192))] for _ in range(n)]
+
+
+def greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=POSITIONS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def teacher_forced(llm: LLM, prompts: list[list[int]],
+                   continuations: list[list[int]]) -> torch.Tensor:
+    """[n, POSITIONS] logprobs of each continuation's tokens after its prompt."""
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    full = [p + c for p, c in zip(prompts, continuations)]
+    outs = llm.generate(full, params, use_tqdm=False)
+    return torch.tensor([[lp[t].logprob for lp, t in zip(o.prompt_logprobs[len(p):], c)]
+                         for o, p, c in zip(outs, prompts, continuations)])
+
+
+@dataclass
+class Accuracy:
+    variant: str
+    mean_abs: float  # |logprob - bf16 logprob| of bf16's greedy tokens, mean over all
+    max_abs: float
+    agreement: float  # fraction of the first POSITIONS greedy tokens equal to bf16's
+    common_prefix: float  # mean number of leading greedy tokens equal to bf16's
+
+    def line(self) -> str:
+        return (f"{self.variant:<16} {self.mean_abs:12.4f} {self.max_abs:12.4f} "
+                f"{100 * self.agreement:11.1f}% {self.common_prefix:14.1f}")
+
+
+def compare(variant: str, ref_scores: torch.Tensor, scores: torch.Tensor,
+            ref_tokens: list[list[int]], tokens: list[list[int]]) -> Accuracy:
+    diff = (scores - ref_scores).abs()
+    same = torch.tensor([[a == b for a, b in zip(r, t)] for r, t in zip(ref_tokens, tokens)])
+    prefix = same.int().cumprod(dim=1).sum(dim=1).float()
+    return Accuracy(variant, diff.mean().item(), diff.max().item(), same.float().mean().item(),
+                    prefix.mean().item())
+
+
+class KVTokens(logging.Handler):
+    """The tokens of the start-up log's 'KV cache size: N tokens' line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.tokens = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.search(r"KV cache size: ([\d,]+) tokens", record.getMessage())
+        if found:
+            self.tokens = int(found.group(1).replace(",", ""))
+
+
+def kv_tokens_logged(build):  # noqa: ANN001, ANN201
+    """Runs ``build()`` and returns (its result, the KV tokens its start-up logged)."""
+    handler = KVTokens()
+    logger = logging.getLogger("pagedllm")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return build(), handler.tokens
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def llama_8b(bw: float, n_requests: int, n_prompts: int) -> tuple[list[Row], list[Accuracy]]:
+    """Per variant: one engine for the throughput run, the batch-1 step and the accuracy."""
+    rows, accuracy = [], []
+    prompts = accuracy_prompts(n_prompts)
+    workload = sharegpt_like_workload(n_requests)
+    ref_tokens = ref_scores = None
+    for variant, args in VARIANTS.items():
+        (row, llm), kv_tokens = kv_tokens_logged(lambda a=args: throughput_row(
+            "llama-3.1-8b", workload, bw, "above bf16", **a))
+        row.name = f"8b {variant}: {len(workload.prompts)} reqs"
+        rows.append(row)
+        step_ms, floor_ms = batch1_step_ms(llm, bw)
+        rows.append(Row(f"8b {variant}: batch-1 decode step", step_ms, "ms", floor_ms,
+                        "<= 1.15x floor" if "weights" in variant else ""))
+        rows.append(Row(f"8b {variant}: KV cache tokens (start-up log)", kv_tokens, "tok"))
+        tokens = greedy(llm, prompts)
+        if ref_tokens is None:
+            ref_tokens = tokens
+        scores = teacher_forced(llm, prompts, ref_tokens)
+        if ref_scores is None:
+            ref_scores = scores
+        accuracy.append(compare(variant, ref_scores, scores, ref_tokens, tokens))
+        release(llm)
+    return rows, accuracy
+
+
+def qwen_kv(bw: float, n: int) -> list[Row]:
+    rows = []
+    workload = nano_vllm_workload(n)
+    for variant in ("auto", "fp8"):
+        (row, llm), kv_tokens = kv_tokens_logged(lambda v=variant: throughput_row(
+            "qwen3-0.6b", workload, bw, ">= bf16 KV", kv_cache_dtype=v))
+        name = "bf16 KV" if variant == "auto" else "fp8 KV"
+        row.name = f"qwen3-0.6b {name}: {len(workload.prompts)} reqs (nano-vllm)"
+        rows += [row, Row(f"qwen3-0.6b {name}: KV cache tokens (start-up log)", kv_tokens,
+                          "tok", target="2x bf16 KV's" if variant == "fp8" else "")]
+        release(llm)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller workloads")
+    parser.add_argument("--skip-tests", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tests = "skipped" if args.skip_tests else run_tests()
+    bw = copy_bandwidth()
+    n_8b, n_prompts, n_nano = (100, 16, 64) if args.quick else (500, 64, 256)
+    rows, accuracy = llama_8b(bw, n_8b, n_prompts)
+    rows += qwen_kv(bw, n_nano)
+    print(f"\nFP8 kernel tests on {torch.cuda.get_device_name()}: {tests}")
+    print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s")
+    print(f"\nAccuracy, Llama-3.1-8B shape, random weights, {n_prompts} prompts: bf16's greedy "
+          f"tokens scored by teacher forcing; greedy agreement over the first {POSITIONS}")
+    print(f"{'variant':<16} {'mean |dlp|':>12} {'max |dlp|':>12} {'agreement':>12} "
+          f"{'common prefix':>14}")
+    for a in accuracy:
+        print(a.line())
+    print(f"\n{'measurement':<46} {'value':>12} {'unit':<6} {'roofline':>12} {'ratio':>6}  target")
+    for r in rows:
+        print(r.line())
+
+
+if __name__ == "__main__":
+    main()
