@@ -84,7 +84,7 @@ class HermesToolParser(ToolParser):
                 call = None
             if call is not None:
                 calls.append(call)
-        content = text[:start].rstrip()
+        content = text[:start]
         if not calls and final:  # markers but nothing that parses: the text is the answer
             return ParsedOutput(text)
         return ParsedOutput(content, calls)
