@@ -10,7 +10,9 @@
    the same tokens are compared (mean and max absolute difference), and runs its own greedy
    decoding, whose tokens are compared with bf16's position by position over the first 32.
 3. Speed, with gpu_bench's workloads and functions: the 8B batch-1 decode step against its
-   bandwidth floor and the 500-request throughput, bf16 and fp8 weights (and fp8 KV).
+   bandwidth floor and the 500-request throughput, bf16 and fp8 weights (and fp8 KV); the fp8
+   batch-1 step once more with decodes through torch._scaled_mm instead of the weight-only
+   kernel (``fp8.SMALL_M = 0``), to check the engine's choice.
 4. nano-vllm's workload on the Qwen3-0.6B shape with bf16 and fp8 KV, and the KV cache tokens
    each start-up logs.
 
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bench import (  # noqa: E402
     Row,
+    batch1_row,
     batch1_step_ms,
     copy_bandwidth,
     nano_vllm_workload,
@@ -42,9 +45,11 @@ from gpu_bench import (  # noqa: E402
 )
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.layers.quantization import fp8  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = ["tests/kernels/test_fp8_quant.py", "tests/kernels/test_fp8_kv_cache.py",
+TESTS = ["tests/kernels/test_fp8_quant.py", "tests/kernels/test_fp8_gemm.py",
+         "tests/kernels/test_fp8_kv_cache.py",
          "tests/kernels/test_kv_cache_write.py", "tests/kernels/test_paged_attention.py",
          "tests/quantization/test_fp8_linear.py"]
 POSITIONS = 32  # greedy positions compared
@@ -165,6 +170,18 @@ def llama_8b(bw: float, n_requests: int, n_prompts: int) -> tuple[list[Row], lis
     return rows, accuracy
 
 
+def scaled_mm_decode_row(bw: float) -> Row:
+    """The batch-1 step with decodes through torch._scaled_mm (activations quantized) instead
+    of the weight-only kernel: which of the two the engine should take for few tokens."""
+    small_m, fp8.SMALL_M = fp8.SMALL_M, 0
+    try:
+        row = batch1_row("llama-3.1-8b", bw, "compare: weight-only kernel", quantization="fp8")
+    finally:
+        fp8.SMALL_M = small_m
+    row.name = "8b fp8 weights: batch-1 step, _scaled_mm"
+    return row
+
+
 def qwen_kv(bw: float, n: int) -> list[Row]:
     rows = []
     workload = nano_vllm_workload(n)
@@ -189,6 +206,7 @@ def main() -> None:
     bw = copy_bandwidth()
     n_8b, n_prompts, n_nano = (100, 16, 64) if args.quick else (500, 64, 256)
     rows, accuracy = llama_8b(bw, n_8b, n_prompts)
+    rows.append(scaled_mm_decode_row(bw))
     rows += qwen_kv(bw, n_nano)
     print(f"\nFP8 kernel tests on {torch.cuda.get_device_name()}: {tests}")
     print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s")

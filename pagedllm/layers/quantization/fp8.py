@@ -6,16 +6,17 @@ and the Triton kernels round identically (a division on the GPU is not IEEE-exac
 
 ``Fp8LinearMethod``: weights per output channel (one fp32 scale per row of the rank's shard),
 activations per token, quantized on the fly; the product is ``torch._scaled_mm`` (FP8 tensor
-cores on Hopper, an emulation on the CPU that is exact in fp32), rescaled by
-``x_scale[token] * w_scale[channel]`` in its epilogue. Checkpoints already in FP8 keep their
-values: a per-tensor scale of one piece of a merged layer (q, k, v; gate, up) becomes the
-per-channel scale of that piece's rows, so nothing is requantized (see ``create_weights``).
-The embeddings and the LM head are not linear layers here and stay in the model dtype.
+cores on Hopper, an emulation on the CPU that is exact in fp32), rescaled by ``x_scale[token] *
+w_scale[channel]`` in its epilogue. On a GPU, steps of at most ``SMALL_M`` tokens (decodes:
+bound by reading the weight) take ``kernels.fp8_gemm`` instead, which upcasts the weight in
+registers and leaves the activations unquantized (weight-only FP8, one kernel instead of two,
+and slightly closer to the model dtype). Checkpoints already in FP8 keep their values: a per-
+tensor scale of one piece of a merged layer (q, k, v; gate, up) becomes the per-channel scale of
+that piece's rows, so nothing is requantized (see ``create_weights``). The embeddings and the LM
+head are not linear layers here and stay in the model dtype.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 from torch import nn
@@ -23,12 +24,11 @@ from torch import nn
 from pagedllm.layers import dispatch
 from pagedllm.layers.quantization import METHODS, LinearMethod
 
-logger = logging.getLogger(__name__)
-
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 _MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero row gets this scale, never 0 (no 0 * inf)
+SMALL_M = 16  # up to this many tokens on a GPU: the weight-only kernel (kernels.fp8_gemm)
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -71,6 +71,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     of a row-major W) and multiplies by the scales in fp32 before rounding to the output.
     """
     rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= SMALL_M and dispatch.use_triton(x):
+        from pagedllm.kernels.fp8_gemm import fp8_weight_gemm_triton
+
+        out = fp8_weight_gemm_triton(rows, weight, weight_scale, bias)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     xq, x_scale = quantize_rows(rows)
     # cuBLAS's row-wise scaled products write bf16 only (the CPU's write any float dtype).
     out_dtype = torch.bfloat16 if x.is_cuda or x.dtype == torch.float16 else x.dtype
@@ -80,6 +85,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if bias is not None and not fused_bias:
         out = out + bias
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_weight_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None) -> torch.Tensor:
+    """The weight-only form (``kernels.fp8_gemm``): x as it is, times the dequantized weight."""
+    out = x.float() @ (weight.float() * weight_scale.reshape(-1, 1)).t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
