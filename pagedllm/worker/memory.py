@@ -113,28 +113,36 @@ def loaded_weight_bytes(model: torch.nn.Module) -> int:
 def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0) -> dict[str, int]:
     """Weight bytes in float32/bfloat16/float16, and what quantization makes them: fp8
     (``--quantization fp8`` or an FP8 checkpoint: a byte per weight and an fp32 scale per output
-    channel), int8 and int4 (weight-only, one fp16 scale per group of ``INT4_GROUP_SIZE``) on
-    the decoder's linear layers, everything else (and the vision tower) kept in 16 bits, as
-    GPTQ/AWQ/FP8 checkpoints do."""
+    channel; a mixture of experts' fused experts stay in 16 bits), int8 and int4 (weight-only, one
+    fp16 scale per group of ``INT4_GROUP_SIZE``) on the decoder's linear layers, everything else
+    (and the vision tower) kept in 16 bits, as GPTQ/AWQ/FP8 checkpoints do."""
     p = parameter_breakdown(arch)
     kept16 = 2 * (p.total - p.linear + vision_params)
     out = {name: (p.total + vision_params) * _DTYPE_BYTES[name]
            for name in ("float32", "bfloat16", "float16")}
-    out["fp8"] = p.linear + 4 * linear_output_rows(arch) + kept16
+    experts = _expert_parameters(arch)
+    out["fp8"] = p.linear + experts + 4 * linear_output_rows(arch) + kept16
     out["int8"] = p.linear + kept16
     out["int4"] = p.linear // 2 + p.linear * 2 // INT4_GROUP_SIZE + kept16
     return out
 
 
 def linear_output_rows(arch: ModelArch) -> int:
-    """Output channels of all the decoder's linear layers (each has one per-channel scale)."""
+    """Output channels of the decoder's linear layers that ``--quantization fp8`` quantizes
+    (each has one per-channel scale): attention and dense MLPs, not the fused experts."""
     h = arch.hidden_size
     attention = arch.q_size + 2 * arch.kv_size + h
     num_sparse = sum(arch.is_sparse(i) for i in range(arch.num_layers))
-    dense = (arch.num_layers - num_sparse) * (2 * arch.intermediate_size + h)
-    experts = num_sparse * arch.moe.num_experts * (2 * arch.moe.intermediate_size + h) \
-        if arch.moe is not None else 0
-    return arch.num_layers * attention + dense + experts
+    return arch.num_layers * attention + (arch.num_layers - num_sparse) * (
+        2 * arch.intermediate_size + h)
+
+
+def _expert_parameters(arch: ModelArch) -> int:
+    """The routed experts' matrices (gate, up, down of each), all sparse layers."""
+    if arch.moe is None:
+        return 0
+    num_sparse = sum(arch.is_sparse(i) for i in range(arch.num_layers))
+    return num_sparse * arch.moe.num_experts * 3 * arch.hidden_size * arch.moe.intermediate_size
 
 
 def count_vision_parameters(vision_config: dict[str, Any]) -> int:
