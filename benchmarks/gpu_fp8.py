@@ -22,13 +22,16 @@ A short table comes last. Engine logs go to stderr at WARNING, the table to stdo
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import random
 import re
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -45,13 +48,14 @@ from gpu_bench import (  # noqa: E402
 )
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.benchmarks.throughput import Workload  # noqa: E402
 from pagedllm.layers.quantization import fp8  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = ["tests/kernels/test_fp8_quant.py", "tests/kernels/test_fp8_gemm.py",
          "tests/kernels/test_fp8_kv_cache.py",
          "tests/kernels/test_kv_cache_write.py", "tests/kernels/test_paged_attention.py",
-         "tests/quantization/test_fp8_linear.py"]
+         "tests/quantization/test_fp8_linear.py", "tests/gpu/test_gpu_fp8.py"]
 POSITIONS = 32  # greedy positions compared
 VARIANTS = {"bf16": {}, "fp8 weights": {"quantization": "fp8"},
             "fp8 KV cache": {"kv_cache_dtype": "fp8"}}
@@ -144,30 +148,51 @@ def kv_tokens_logged(build):  # noqa: ANN001, ANN201
         logger.setLevel(level)
 
 
+def failed(name: str) -> Row:
+    """A section that raised: its traceback to stderr, one row in the table, and the run goes
+    on (one GPU session has to show everything that works)."""
+    traceback.print_exc()
+    error = traceback.format_exception_only(*sys.exc_info()[:2])[-1].strip()
+    return Row(f"{name}: FAILED", 0.0, "", target=error[:120])
+
+
 def llama_8b(bw: float, n_requests: int, n_prompts: int) -> tuple[list[Row], list[Accuracy]]:
     """Per variant: one engine for the throughput run, the batch-1 step and the accuracy."""
     rows, accuracy = [], []
     prompts = accuracy_prompts(n_prompts)
     workload = sharegpt_like_workload(n_requests)
-    ref_tokens = ref_scores = None
+    ref: dict[str, Any] = {}
     for variant, args in VARIANTS.items():
-        (row, llm), kv_tokens = kv_tokens_logged(lambda a=args: throughput_row(
-            "llama-3.1-8b", workload, bw, "above bf16", **a))
-        row.name = f"8b {variant}: {len(workload.prompts)} reqs"
-        rows.append(row)
-        step_ms, floor_ms = batch1_step_ms(llm, bw)
-        rows.append(Row(f"8b {variant}: batch-1 decode step", step_ms, "ms", floor_ms,
-                        "<= 1.15x floor" if "weights" in variant else ""))
-        rows.append(Row(f"8b {variant}: KV cache tokens (start-up log)", kv_tokens, "tok"))
-        tokens = greedy(llm, prompts)
-        if ref_tokens is None:
-            ref_tokens = tokens
-        scores = teacher_forced(llm, prompts, ref_tokens)
-        if ref_scores is None:
-            ref_scores = scores
-        accuracy.append(compare(variant, ref_scores, scores, ref_tokens, tokens))
-        release(llm)
+        try:
+            llama_8b_variant(variant, args, bw, workload, prompts, ref, rows, accuracy)
+        except Exception:  # noqa: BLE001 - reported in the table
+            rows.append(failed(f"8b {variant}"))
+        gc.collect()  # a failed variant's engine goes with its traceback
+        torch.cuda.empty_cache()
     return rows, accuracy
+
+
+def llama_8b_variant(variant: str, args: dict, bw: float, workload: Workload,
+                     prompts: list[list[int]], ref: dict[str, Any], rows: list[Row],
+                     accuracy: list[Accuracy]) -> None:
+    """One engine for the throughput run, the batch-1 step and the accuracy. bf16 runs first
+    and leaves its greedy tokens and their scores in ``ref``."""
+    (row, llm), kv_tokens = kv_tokens_logged(lambda: throughput_row(
+        "llama-3.1-8b", workload, bw, "above bf16", **args))
+    row.name = f"8b {variant}: {len(workload.prompts)} reqs"
+    rows.append(row)
+    step_ms, floor_ms = batch1_step_ms(llm, bw)
+    rows.append(Row(f"8b {variant}: batch-1 decode step", step_ms, "ms", floor_ms,
+                    "<= 1.15x floor" if "weights" in variant else ""))
+    rows.append(Row(f"8b {variant}: KV cache tokens (start-up log)", kv_tokens, "tok"))
+    tokens = greedy(llm, prompts)
+    if variant == "bf16":
+        ref["tokens"] = tokens
+    if "tokens" in ref:  # else bf16 failed: nothing to compare with
+        scores = teacher_forced(llm, prompts, ref["tokens"])
+        ref.setdefault("scores", scores)
+        accuracy.append(compare(variant, ref["scores"], scores, ref["tokens"], tokens))
+    release(llm)
 
 
 def scaled_mm_decode_row(bw: float) -> Row:
@@ -206,8 +231,14 @@ def main() -> None:
     bw = copy_bandwidth()
     n_8b, n_prompts, n_nano = (100, 16, 64) if args.quick else (500, 64, 256)
     rows, accuracy = llama_8b(bw, n_8b, n_prompts)
-    rows.append(scaled_mm_decode_row(bw))
-    rows += qwen_kv(bw, n_nano)
+    try:
+        rows.append(scaled_mm_decode_row(bw))
+    except Exception:  # noqa: BLE001 - reported in the table
+        rows.append(failed("8b fp8 weights: batch-1 step, _scaled_mm"))
+    try:
+        rows += qwen_kv(bw, n_nano)
+    except Exception:  # noqa: BLE001 - reported in the table
+        rows.append(failed("qwen3-0.6b KV"))
     print(f"\nFP8 kernel tests on {torch.cuda.get_device_name()}: {tests}")
     print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s")
     print(f"\nAccuracy, Llama-3.1-8B shape, random weights, {n_prompts} prompts: bf16's greedy "
