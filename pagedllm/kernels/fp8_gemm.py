@@ -8,12 +8,14 @@ their dtype and each weight tile is upcast in registers (exact: e4m3 fits in bf1
 
 Tiling. A program owns ``BLOCK_N`` output channels and one of ``SPLIT_K`` slices of the inner
 dimension; the rows (at most ``BLOCK_M`` = 16, the smallest MMA height) are all in one tile. Its
-loop loads an FP8 weight tile ``[BLOCK_K, BLOCK_N]`` and the matching activations ``[BLOCK_M,
-BLOCK_K]`` and accumulates ``tl.dot`` in fp32. Few channels mean few programs, so the inner
-dimension is split into as many slices as keep at most two programs per SM; the slices' fp32
-partials are then summed by ``_sum_splits_kernel``, which also scales, adds the bias and rounds
-(without a split the main kernel does that). The grid depends on the weight's shape only, so the
-launch can be captured in a CUDA graph for any row count up to 16.
+loop loads an FP8 weight tile ``[BLOCK_K, BLOCK_N]`` (16 KiB: 256 x 64 or 512 x 32) and the
+matching activations ``[BLOCK_M, BLOCK_K]`` and accumulates ``tl.dot`` in fp32; three or four
+tiles in flight per SM cover the memory latency. Every SM should own a program: wide layers take
+64 channels per program, narrower ones 32, and a layer still too narrow for the SMs (a small
+model's) splits the inner dimension, whose fp32 partials ``_sum_splits_kernel`` then sums,
+scales, biases and rounds (without a split the main kernel does that). Avoiding the split where
+possible saves that second launch. The grid depends on the weight's shape only, so the launch
+can be captured in a CUDA graph for any row count up to 16.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 16  # BLOCK_M: rows per launch
-BLOCK_N = 64
-BLOCK_K = 256
+TILES = ((64, 256), (32, 512))  # (BLOCK_N, BLOCK_K): 16 KiB of FP8 weight each
 MAX_SPLITS = 16
 
 
@@ -87,23 +88,27 @@ def _sum_splits_kernel(
 
 
 @functools.lru_cache(maxsize=64)
-def choose_split_k(n: int, k: int, num_sms: int) -> int:
-    """A power of two: the most slices that keep at most two programs per SM, each slice at
-    least one BLOCK_K long."""
-    programs = triton.cdiv(n, BLOCK_N)
-    split = 1
-    while (split * 2 <= MAX_SPLITS and programs * split * 2 <= 2 * num_sms
-           and k >= 2 * split * BLOCK_K):
+def choose_tiles(n: int, k: int, num_sms: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K): the widest tile that still gives 90% of the SMs a program;
+    else 32 channels and the fewest slices of K (a power of two, each at least one BLOCK_K)
+    that do."""
+    busy = 0.9 * num_sms
+    for block_n, block_k in TILES:
+        if triton.cdiv(n, block_n) >= busy:
+            return block_n, block_k, 1
+    block_n, block_k = TILES[-1]
+    programs, split = triton.cdiv(n, block_n), 1
+    while programs * split < busy and split * 2 <= MAX_SPLITS and k >= 2 * split * block_k:
         split *= 2
-    return split
+    return block_n, block_k, split
 
 
 def fp8_weight_gemm_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                            bias: torch.Tensor | None = None,
-                           split_k: int | None = None) -> torch.Tensor:
+                           tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) times FP8 weight [N, K] with scales (N values) -> [M, N] in x's dtype.
 
-    ``split_k``: None = heuristic; k = that many slices of K (tests).
+    ``tiles``: (BLOCK_N, BLOCK_K, SPLIT_K), or None for ``choose_tiles`` (tests set them).
     """
     from pagedllm.attention.triton_backend import device_num_sms
 
@@ -117,17 +122,18 @@ def fp8_weight_gemm_triton(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    split = split_k or choose_split_k(n, k, device_num_sms(x.device))
-    k_per_split = triton.cdiv(triton.cdiv(k, split), BLOCK_K) * BLOCK_K
+    block_n, block_k, split = tiles or choose_tiles(n, k, device_num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     target = out if split == 1 else torch.empty(split, num_rows, n, dtype=torch.float32,
                                                 device=x.device)
     has_bias = bias is not None
-    _fp8_weight_gemm_kernel[(triton.cdiv(n, BLOCK_N), split)](
+    _fp8_weight_gemm_kernel[(triton.cdiv(n, block_n), split)](
         x, weight, weight_scale, bias if has_bias else weight_scale, target,
         num_rows, n, k, x.stride(0), k_per_split,
-        BLOCK_M=MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split, HAS_BIAS=has_bias,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, HAS_BIAS=has_bias,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=4)
+        # shared memory per stage: 16 KiB of weight + 16 x BLOCK_K activations (<= 32 KiB)
+        num_warps=4, num_stages=4 if block_k == 256 else 3)
     if split > 1:
         block = min(1024, triton.next_power_of_2(n))
         _sum_splits_kernel[(num_rows, triton.cdiv(n, block))](

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pagedllm.kernels.fp8_gemm import choose_split_k, fp8_weight_gemm_triton  # noqa: E402
+from pagedllm.kernels.fp8_gemm import choose_tiles, fp8_weight_gemm_triton  # noqa: E402
 from pagedllm.layers.quantization.fp8 import (  # noqa: E402
     fp8_linear,
     fp8_weight_linear_ref,
@@ -27,17 +27,18 @@ def operands(rows: int, n: int, k: int, dtype: torch.dtype, seed: int):  # noqa:
     return x, w.to(DEVICE), scale.reshape(1, -1).to(DEVICE), bias
 
 
-@pytest.mark.parametrize("rows,n,k,split_k,dtype,with_bias", [
-    (1, 96, 256, 1, torch.bfloat16, False),
-    (3, 64, 512, 2, torch.float16, True),  # two slices of one BLOCK_K each
-    (16, 80, 600, 3, torch.float32, True),  # ragged N and K, a split count not a power of two
-    (5, 128, 1024, None, torch.bfloat16, True),  # the heuristic's split
+@pytest.mark.parametrize("rows,n,k,tiles,dtype,with_bias", [
+    (1, 96, 256, (64, 256, 1), torch.bfloat16, False),
+    (3, 64, 1024, (32, 512, 2), torch.float16, True),  # two slices of one BLOCK_K each
+    (16, 80, 600, (64, 256, 3), torch.float32, True),  # ragged N and K, 3 slices
+    (2, 48, 700, (32, 512, 1), torch.float32, False),  # a ragged last K tile
+    (5, 128, 2048, None, torch.bfloat16, True),  # the heuristic's tiles (a split here)
 ])
-def test_matches_reference(rows: int, n: int, k: int, split_k: int | None, dtype: torch.dtype,
-                           with_bias: bool) -> None:
+def test_matches_reference(rows: int, n: int, k: int, tiles: tuple[int, int, int] | None,
+                           dtype: torch.dtype, with_bias: bool) -> None:
     x, w, scale, bias = operands(rows, n, k, dtype, seed=rows + n)
     bias = bias if with_bias else None
-    out = fp8_weight_gemm_triton(x, w, scale, bias, split_k=split_k)
+    out = fp8_weight_gemm_triton(x, w, scale, bias, tiles=tiles)
     expected = fp8_weight_linear_ref(x, w, scale, bias)
     assert out.dtype == dtype
     tol = TOLERANCE[dtype]
@@ -56,11 +57,13 @@ def test_linear_takes_it_for_few_tokens_on_a_gpu(monkeypatch) -> None:
                                rtol=1e-4, atol=1e-4)
 
 
-def test_split_heuristic_fills_the_gpu() -> None:
-    assert choose_split_k(4096, 4096, 132) == 4  # 64 channel blocks -> 256 programs
-    assert choose_split_k(28672, 4096, 132) == 1  # 448 blocks already
-    assert choose_split_k(4096, 14336, 132) == 4
-    assert choose_split_k(64, 256, 132) == 1  # one BLOCK_K: nothing to split
+def test_tiles_give_every_sm_a_program() -> None:
+    """Llama-3.1-8B's layers on 132 SMs need no split; Qwen3-0.6B's narrow ones do."""
+    assert choose_tiles(28672, 4096, 132) == (64, 256, 1)  # gate_up: 448 programs
+    assert choose_tiles(6144, 4096, 132) == (32, 512, 1)  # qkv: 192
+    assert choose_tiles(4096, 14336, 132) == (32, 512, 1)  # down: 128 (of 132)
+    assert choose_tiles(1024, 3072, 132) == (32, 512, 4)  # 32 programs x 4 slices
+    assert choose_tiles(64, 512, 132) == (32, 512, 1)  # one BLOCK_K: nothing to split
 
 
 def test_too_many_rows_is_an_error() -> None:
