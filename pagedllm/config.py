@@ -43,8 +43,10 @@ class ModelConfig:
     max_logprobs: int = field(default=20, metadata=_help(
         "Largest logprobs / prompt_logprobs a request may ask for."))
     quantization: str | None = field(default=None, metadata=_help(
-        "Quantize the linear layers' weights: fp8 (GPU, e4m3 with per-channel scales) or int8 "
-        "(weight-only). Default: the checkpoint's own format.", choices=["fp8", "int8"]))
+        "Quantize the linear layers' weights: fp8 (GPU, e4m3 with per-channel scales), int8 "
+        "(CPU, weight-only, per-channel) or int4 (CPU, weight-only, a scale and zero per 32 "
+        "inputs: a GGUF Q4_1 file keeps its own 4-bit values). Default: the checkpoint's own "
+        "format.", choices=["fp8", "int8", "int4"]))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import nn
 
 from pagedllm.distributed.parallel_state import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from pagedllm.layers.linear import set_weight_loader
+from pagedllm.layers.quantization import UNQUANTIZED, LinearMethod
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,8 +41,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden [N, hidden] -> logits [N, vocab] on every rank (the weight may be the embedding's)."""
+    """hidden [N, hidden] -> logits [N, vocab] on every rank (the weight may be the embedding's).
+
+    The product is ``method``'s, as a linear layer's (a weight-only method may take it over)."""
+
+    method: LinearMethod = UNQUANTIZED
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = all_gather_last_dim(self.method.apply(self, hidden, None))
         return logits if self.tp_size == 1 else logits[..., :self.vocab_size]

@@ -17,6 +17,8 @@ class LinearMethod:
     """The plain product in the model dtype; the base of quantized methods."""
 
     name = "unquantized"
+    # The method (a METHODS name) that takes over the LM head; None leaves it in the model dtype.
+    lm_head: str | None = None
 
     def create_weights(self, layer: nn.Module) -> None:
         """Before loading a checkpoint already in this format: lays out the layer's parameters
@@ -65,7 +67,12 @@ def quantize_model(model: nn.Module, name: str | None) -> None:
     for module in _linear_layers(model):
         method.process_weights_after_loading(module)
         module.method = method
+    lm_head = getattr(model, "lm_head", None)
+    if method.lm_head is not None and lm_head is not None:
+        head_method = _method(method.lm_head)
+        head_method.process_weights_after_loading(lm_head)
+        lm_head.method = head_method
 
 
 # The method modules register themselves in METHODS when imported.
-from pagedllm.layers.quantization import fp8  # noqa: E402, F401
+from pagedllm.layers.quantization import fp8, int_weight_only  # noqa: E402, F401

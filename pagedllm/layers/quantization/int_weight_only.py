@@ -1,0 +1,163 @@
+"""Integer weight-only quantization for the CPU: ``--quantization int4`` and ``int8``.
+
+A decode step on the CPU reads every weight once per token, so its time is the weights' bytes
+over the memory bandwidth: float32 SmolLM2-135M is 540 MB a token, its 4-bit form ~90 MB. These
+methods keep the weights in integers and multiply with PyTorch's own CPU kernels, which convert
+the weights on the fly inside the product (nothing is dequantized to memory):
+
+- ``int4``: asymmetric, one scale and one zero per group of 32 inputs of each output row
+  (``w = (q - 8) * scale + zero``, q in 0..15), through ``_weight_int4pack_mm_for_cpu``. A
+  GGUF Q4_1 block (``w = d * q + m``, 32 inputs) is this format with ``scale = d`` and
+  ``zero = m + 8 d``: its dequantized weights requantize to the same q (the group's min and max
+  are ``m`` and ``m + 15 d``), so Q4_1 files keep their own 4-bit values.
+- ``int8``: symmetric, one scale per output row (``w = q * scale``, q in -127..127), through
+  ``_weight_int8pack_mm``.
+
+Both kernels are fast only with bfloat16 activations and bfloat16 scales (their float32 paths
+are scalar: 10-20x slower, measured), so the product runs in bfloat16 with float32 accumulation:
+the input is rounded to bfloat16, the output too, and both are float32 again around it. The
+reference (``*_ref``) is "dequantize, then multiply in float32" on the same stored values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedllm.layers.quantization import METHODS, LinearMethod
+
+INT4_GROUP = 32  # inputs per scale and zero (GGUF's block of Q4_0/Q4_1/Q8_0)
+_KERNEL_DTYPE = torch.bfloat16  # the dtype the CPU kernels' fast paths take
+_INNER_K_TILES = 1  # the int4 packing's K tiles (the CPU kernel takes any of 1, 2, 4, 8)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] (K a multiple of 32) -> q [N, K] int32 in 0..15 and scale_and_zero
+    [K / 32, N, 2] bfloat16. scale = (max - min) / 15 of each group, zero = min + 8 scale (both
+    rounded to bfloat16 first, and q chosen for the rounded values)."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).to(_KERNEL_DTYPE)
+    zero = (low + 8 * scale.float()).to(_KERNEL_DTYPE)
+    scale_f = scale.float().masked_fill(scale == 0, 1.0)  # a constant group: q = 8, w = zero
+    q = torch.round((groups - zero.float()) / scale_f + 8).clamp_(0, 15).to(torch.int32)
+    scale_and_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return q.reshape(n, k), scale_and_zero
+
+
+def dequantize_int4(q: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that ``quantize_int4``'s values stand for."""
+    n, k = q.shape
+    scale, zero = scale_and_zero.float().transpose(0, 1).unbind(-1)  # [N, K / 32] each
+    groups = q.reshape(n, k // INT4_GROUP, INT4_GROUP).float()
+    return ((groups - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> q [N, K] int8 in -127..127 and per-row scales [N] bfloat16 (amax / 127,
+    rounded to bfloat16 first; q chosen for the rounded scale)."""
+    w = weight.float()
+    scale = (w.abs().amax(-1) / 127).to(_KERNEL_DTYPE)
+    scale_f = scale.float().masked_fill(scale == 0, 1.0)
+    q = torch.round(w / scale_f[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as contiguous bfloat16 rows [M, K] (the kernels' input)."""
+    return x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE).contiguous()
+
+
+def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's [M, N] bfloat16 output in x's dtype and leading dims, plus the bias."""
+    out = out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] times the int4 weight (``_convert_weight_to_int4pack_for_cpu`` of q)."""
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), packed, INT4_GROUP,
+                                                     scale_and_zero)
+    return _finish(out, x, bias)
+
+
+def int4_linear_ref(x: torch.Tensor, q: torch.Tensor, scale_and_zero: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``int4_linear`` spelled out: bfloat16 input, float32 product with the dequantized weight,
+    bfloat16 output."""
+    out = _rows(x).float() @ dequantize_int4(q, scale_and_zero).t()
+    return _finish(out.to(_KERNEL_DTYPE), x, bias)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    return _finish(torch._weight_int8pack_mm(_rows(x), q, scale), x, bias)
+
+
+def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    out = _rows(x).float() @ dequantize_int8(q, scale).t()
+    return _finish(out.to(_KERNEL_DTYPE), x, bias)
+
+
+def _replace_weight(layer: nn.Module, **tensors: torch.Tensor) -> None:
+    """Drops the layer's float ``weight`` (a tied embedding keeps its own reference) and stores
+    the quantized tensors as frozen parameters (counted in the model's weight bytes)."""
+    del layer.weight
+    for name, tensor in tensors.items():
+        setattr(layer, name, nn.Parameter(tensor, requires_grad=False))
+
+
+class Int8LinearMethod(LinearMethod):
+    """``weight_int8`` [N, K] int8 and ``weight_scale`` [N] bfloat16 after loading."""
+
+    name = "int8"
+    lm_head = "int8"
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        n, k = layer.weight.shape
+        # The kernel's single-row path reads past K when K is not a multiple of 16 (NaN or a
+        # crash, seen with K = 8, 24, 72 in torch 2.13).
+        if layer.weight.device.type != "cpu" or k % 16:
+            raise ValueError(f"--quantization int8 runs on the CPU, with linear layers (this "
+                             f"rank's shard) of a multiple of 16 inputs; a layer has {k} inputs "
+                             f"on {layer.weight.device} (on a GPU, use fp8)")
+        q, scale = quantize_int8(layer.weight.data)
+        _replace_weight(layer, weight_int8=q, weight_scale=scale)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        return int8_linear(x, layer.weight_int8, layer.weight_scale, bias)
+
+
+class Int4LinearMethod(LinearMethod):
+    """``weight_int4`` (the kernel's packing) and ``scale_and_zero`` [K / 32, N, 2] bfloat16
+    after loading."""
+
+    name = "int4"
+    lm_head = "int8"  # GGUF files keep it in 8 bits (Q8_0); in 4 bits it is 9 % off (measured)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        n, k = layer.weight.shape
+        if layer.weight.device.type != "cpu" or k % INT4_GROUP or n % 16:
+            raise ValueError(f"--quantization int4 runs on the CPU, with linear layers (this "
+                             f"rank's shard) of a multiple of {INT4_GROUP} inputs and of 16 "
+                             f"outputs; a layer has {k} inputs and {n} outputs on "
+                             f"{layer.weight.device}")
+        q, scale_and_zero = quantize_int4(layer.weight.data)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
+        _replace_weight(layer, weight_int4=packed, scale_and_zero=scale_and_zero)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x, layer.weight_int4, layer.scale_and_zero, bias)
+
+
+METHODS["int4"] = Int4LinearMethod
+METHODS["int8"] = Int8LinearMethod
