@@ -65,6 +65,9 @@ def resolve_engine_args(kwargs: dict[str, Any]) -> tuple[ModelSource, ModelArch,
 
 def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
     source, arch, config = resolve_engine_args(kwargs)
+    # A checkpoint format the core cannot load is refused before a core is started.
+    resolve_quantization(load_hf_config(source), config.model.quantization,
+                         config.model.load_format, arch.moe is not None)
     try:
         tokenizer = load_tokenizer(source, config.model.chat_template)
     except FileNotFoundError:
