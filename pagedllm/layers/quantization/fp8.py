@@ -68,7 +68,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     """x [..., K] (float) times an FP8 weight [N, K] with scales [1, N] -> [..., N] in x's dtype.
 
     Activations are quantized per token; ``_scaled_mm`` takes the weight column-major (W^T
-    of a row-major W) and multiplies by the scales in fp32 before rounding to the output.
+    of a row-major W) and multiplies by the scales in fp32 before rounding to the output. On a
+    GPU, at most ``SMALL_M`` rows take the weight-only kernel instead (activations as they are:
+    ``fp8_weight_linear_ref``).
     """
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] <= SMALL_M and dispatch.use_triton(x):
