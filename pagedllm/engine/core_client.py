@@ -132,7 +132,13 @@ class MPClient:
         return f"exit code {code}"
 
     def send(self, kind: Kind, message: Any) -> None:
-        self.input_socket.send_multipart(self._encoder.encode(kind, message), copy=False)
+        """Queues a message for the core; raises EngineDeadError if it is gone (a PUSH socket
+        with no peer would wait for one forever)."""
+        frames = self._encoder.encode(kind, message)
+        while not self.input_socket.poll(1000, zmq.POLLOUT):
+            if not self.alive:
+                raise EngineDeadError(f"The engine core died ({self.exit_description}).")
+        self.input_socket.send_multipart(frames, copy=False)
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.send(Kind.ADD, request)
@@ -175,7 +181,7 @@ class MPClient:
         if self.alive:
             try:
                 self.send(Kind.SHUTDOWN, None)
-            except zmq.ZMQError:
+            except (zmq.ZMQError, EngineDeadError):
                 pass
         self._finalizer.detach()
         if self._thread is not None:

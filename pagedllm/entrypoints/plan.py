@@ -201,8 +201,17 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
     vision = config.get("vision_config")
     vision_params = mem.count_vision_parameters(vision) if vision else 0
     params = mem.count_parameters(arch)
-    weight_bytes = mem.weight_bytes_by_dtype(arch, vision_params)
+    # With tensor parallelism, memory is planned for one rank: its share of the weights and
+    # KV heads, its activations (the vision tower is replicated on every rank).
+    tp = kwargs.get("tensor_parallel_size") or 1
+    try:
+        arch.check_tensor_parallel(tp)
+    except ValueError as err:
+        errors.append(str(err))
+        tp = 1
+    weight_bytes = mem.weight_bytes_by_dtype(arch, vision_params, tp)
     weight_format = _weight_format(arch, config, kwargs, s.dtype, errors)
+    arch = arch.rank_view(tp)
     memory = _memory(arch, s, weight_bytes[weight_format], total, free, warnings, errors)
     plan = mem.KVCachePlan.from_budget(arch, s.kv_cache_dtype, s.block_size, s.max_model_len,
                                        memory["kv_budget_bytes"], s.max_num_batched_tokens)
@@ -215,6 +224,7 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
     budget = s.max_num_batched_tokens
     report: dict[str, Any] = {
         "architecture": arch.architecture, "device": device, "dtype": s.dtype,
+        "tensor_parallel_size": tp,
         "parameters": {"decoder": params, "vision": vision_params, "total": params + vision_params},
         "weight_bytes": weight_bytes, "weight_format": weight_format,
         "kv_cache_dtype": s.kv_cache_dtype,
@@ -314,7 +324,9 @@ def render_table(r: dict[str, Any]) -> str:
     m, kv, b = r["memory"], r["kv_cache"], r["batching"]
     p = r["parameters"]
     params = f"{p['total']:,}" + (f" ({p['vision']:,} in the vision tower)" if p["vision"] else "")
-    lines = [f"{r['model']}  {r['architecture']}  on {r['device']}, {r['dtype']}", "",
+    ranks = r["tensor_parallel_size"]
+    per_rank = f", {ranks} tensor-parallel ranks (memory per rank)" if ranks > 1 else ""
+    lines = [f"{r['model']}  {r['architecture']}  on {r['device']}, {r['dtype']}{per_rank}", "",
              f"Parameters: {params}", "Weights:   " + "  ".join(
                  f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()),
              "           (fp8/int8/int4: the linear layers quantized, the rest in 16 bits)",

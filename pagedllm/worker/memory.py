@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -110,13 +110,23 @@ def loaded_weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0) -> dict[str, int]:
+def rank_parameters(arch: ModelArch, tp_size: int) -> ParameterCount:
+    """One of ``tp_size`` tensor-parallel ranks' parameters: its heads and MLP slice, its rows of
+    the (padded) vocabulary; norms are replicated."""
+    p = parameter_breakdown(arch.rank_view(tp_size))
+    rows = -(-arch.vocab_size // tp_size) * arch.hidden_size
+    return replace(p, embedding=rows, lm_head=rows if p.lm_head else 0)
+
+
+def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0,
+                          tp_size: int = 1) -> dict[str, int]:
     """Weight bytes in float32/bfloat16/float16, and what quantization makes them: fp8
     (``--quantization fp8`` or an FP8 checkpoint: a byte per weight and an fp32 scale per output
     channel; a mixture of experts' fused experts stay in 16 bits), int8 and int4 (weight-only, one
     fp16 scale per group of ``INT4_GROUP_SIZE``) on the decoder's linear layers, everything else
     (and the vision tower) kept in 16 bits, as GPTQ/AWQ/FP8 checkpoints do."""
-    p = parameter_breakdown(arch)
+    p = rank_parameters(arch, tp_size)  # with tp_size > 1: one rank's (the vision tower whole)
+    arch = arch.rank_view(tp_size)
     kept16 = 2 * (p.total - p.linear + vision_params)
     out = {name: (p.total + vision_params) * _DTYPE_BYTES[name]
            for name in ("float32", "bfloat16", "float16")}
