@@ -9,6 +9,7 @@ default, no torch.distributed at all) every collective is the identity.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ class TensorParallelGroup:
     device_group: dist.ProcessGroup | None = None  # NCCL (CUDA) or gloo (CPU)
     cpu_group: dist.ProcessGroup | None = None  # gloo, for host-side values
 
+
+logger = logging.getLogger(__name__)
 
 _GROUP = TensorParallelGroup()
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
@@ -61,19 +64,72 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str,
     _GROUP = TensorParallelGroup(rank, world_size, dist.group.WORLD, cpu_group)
 
 
-def destroy_tensor_parallel() -> None:
-    global _GROUP
-    if _GROUP.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-    _GROUP = TensorParallelGroup()
-# torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+class _PeerAllReduce:
+    """All-reduces through symmetric memory on the GPUs of one host: each rank copies its
+    tensor into a buffer its peers can read and sums theirs (torch's one-shot all-reduce).
+    Measured on two H200s (NVLink), per all-reduce of 8 KiB: 7.4 us in a CUDA graph against
+    NCCL's 12.5, and a plain op's host cost when called eagerly against c10d's ~70 us.
+
+    A rank may finish reading its peers' buffers after a faster peer has moved on to its next
+    all-reduce, so consecutive all-reduces never share a buffer: a forward's first one (the
+    embedding's) uses buffer 0, the layers' alternate between buffers 1 and 2, and every
+    forward starts over (``begin_forward``), the same on every rank and in every graph."""
+
+    def __init__(self, max_numel: int, dtype: torch.dtype) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group = _GROUP.device_group.group_name
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9
+            symm_mem.enable_symm_mem_for_group(self.group)
+        self.buffers = []
+        for _ in range(3):
+            buffer = symm_mem.empty(max_numel, dtype=dtype, device="cuda")
+            symm_mem.rendezvous(buffer, self.group)
+            self.buffers.append(buffer)
+        self.op = torch.ops.symm_mem.one_shot_all_reduce
+        self.index = 0
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.buffers[0].dtype and x.numel() <= self.buffers[0].numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers[0 if self.index == 0 else 1 + (self.index - 1) % 2]
+        self.index += 1
+        n = x.numel()
+        buffer[:n].copy_(x.view(-1))
+        return self.op(buffer[:n], "sum", self.group).view_as(x)
+
+
+_PEER: _PeerAllReduce | None = None
+
+
+def init_peer_all_reduce(max_numel: int, dtype: torch.dtype) -> None:
+    """On several GPUs of one host, all-reduces of up to ``max_numel`` elements of ``dtype``
+    go through symmetric memory from now on (a collective: every rank calls it); NCCL stays
+    for the rest, and where this torch cannot."""
+    global _PEER
+    if _GROUP.size == 1 or dist.get_backend(_GROUP.device_group) != "nccl":
+        return
+    try:
+        _PEER = _PeerAllReduce(max_numel, dtype)
+    except Exception as e:  # noqa: BLE001 (an older torch, no peer access): NCCL it is
+        logger.warning("All-reduces use NCCL (symmetric memory unavailable: %s: %s)",
+                       type(e).__name__, e)
+
+
+def begin_forward() -> None:
+    """A model forward starts: the peer all-reduces take their buffers from the first."""
+    if _PEER is not None:
+        _PEER.index = 0
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sums ``x`` over the ranks, in place."""
-    if _GROUP.size > 1:
-        dist.all_reduce(x, group=_GROUP.device_group)
+    """The sum of ``x`` over the ranks (``x`` itself, summed in place, or a new tensor)."""
+    if _GROUP.size == 1:
+        return x
+    if _PEER is not None and _PEER.fits(x):
+        return _PEER(x)
+    dist.all_reduce(x, group=_GROUP.device_group)
     return x
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from pagedllm.attention.backend import get_attention_backend
 from pagedllm.config import EngineConfig
 from pagedllm.distributed.launch import tensor_parallel_size
-from pagedllm.distributed.parallel_state import min_over_ranks, tp_group
+from pagedllm.distributed.parallel_state import init_peer_all_reduce, min_over_ranks, tp_group
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.executor import UniProcExecutor, start_workers
 from pagedllm.engine.inputs import InputProcessor
@@ -27,7 +27,7 @@ from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_con
 from pagedllm.models.registry import model_class
 from pagedllm.multimodal.image_processor import ImageProcessorConfig, process_image
 from pagedllm.tokenizer import Tokenizer, load_tokenizer, placeholder_tokenizer
-from pagedllm.worker import memory
+from pagedllm.worker import cpu_graph, memory
 from pagedllm.worker.memory import KVCachePlan
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -106,6 +106,9 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
     _note_cpu_fp8(config, device)
     torch.manual_seed(config.model.seed)
     model = load_model(source, arch, config, device, dtype)
+    sched = config.scheduler
+    init_peer_all_reduce(max(sched.max_num_batched_tokens, sched.max_num_seqs)
+                         * arch.hidden_size, dtype)
     weights = memory.loaded_weight_bytes(model)
     per_rank = f" per rank, {tp.size} ranks" if tp.size > 1 else ""
     logger.info("Loaded %s (%s, %.2f GiB of weights%s, %s on %s) in %.1f s", source.name,
@@ -138,6 +141,8 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
     runner.allocate_kv_cache(plan.num_blocks)
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
+    if cpu_graph.should_compile(device, config.model.quantization, config.device.enforce_eager):
+        cpu_graph.start_background_compile(runner)
     return runner, (config, plan)
 
 

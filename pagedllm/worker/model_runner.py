@@ -25,7 +25,7 @@ from pagedllm.attention.backend import (
     forward_context,
 )
 from pagedllm.core.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
-from pagedllm.distributed.parallel_state import broadcast, tp_group
+from pagedllm.distributed.parallel_state import begin_forward, broadcast, tp_group
 from pagedllm.engine.messages import LogprobsEntry
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ProcessedImage
@@ -233,6 +233,7 @@ class ModelRunner:
         """The model over one flattened step: [T] ids and [T] positions ([3, T] for M-RoPE)
         -> [T, hidden]. ``images`` replace the embeddings of the step's image tokens."""
         self.backend.prepare(metadata, self.block_size)
+        begin_forward()
         with forward_context(ForwardContext(metadata, self.kv_caches, self.backend)):
             if images is None:
                 return self.model(input_ids, positions)
