@@ -3,8 +3,10 @@
 A request's block list (``ScheduledRequest.block_ids``, the KV cache manager's own list) only
 grows, one block every ``block_size`` tokens, until its blocks are freed; the manager then starts
 a new list. So a row filled from the same list object needs only the ids appended since, and a
-row whose list object changed is written again. (Converting every id of every request each
-step cost about as much as the rest of the input preparation.)
+row whose list object changed is written again from the first id that differs (a
+tensor-parallel worker decodes a new list object every step, with the same leading ids).
+(Converting every id of every request each step cost about as much as the rest of the input
+preparation.)
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class BlockTables:
             if row is None:
                 row = rows[s.request_id] = _Row(None, self._take_row())
             if row.source is not ids:
+                kept = filled[row.index]
+                same = row.source is not None and ids[:kept] == row.source[:kept]
                 row.source = ids
-                self._write(row.index, ids, 0)
+                self._write(row.index, ids, kept if same else 0)
             elif n > filled[row.index]:
                 self._write(row.index, ids, filled[row.index])
             index.append(row.index)

@@ -53,3 +53,15 @@ def test_a_new_list_rewrites_the_row_and_clears_its_tail() -> None:
     got = tables.gather([ScheduledRequest("r", [0], 1, [9], 0, True),
                          ScheduledRequest("o", [0], 1, [3, 4], 0, True)])
     np.testing.assert_array_equal(got, [[9, 0], [3, 4]])
+
+
+def test_equal_lists_decoded_anew_write_only_new_ids() -> None:
+    """A tensor-parallel worker gets a new list object every step: equal leading ids are kept,
+    a list that differs early is written again."""
+    tables = BlockTables()
+    tables.gather([ScheduledRequest("r", [0], 1, [5, 6, 7], 0, True)])
+    tables._table[0, 0] = -1  # a kept id is not written again
+    got = tables.gather([ScheduledRequest("r", [0], 1, [5, 6, 7, 8], 0, True)])
+    np.testing.assert_array_equal(got, [[-1, 6, 7, 8]])
+    got = tables.gather([ScheduledRequest("r", [0], 1, [9, 6], 0, True)])
+    np.testing.assert_array_equal(got, [[9, 6]])
