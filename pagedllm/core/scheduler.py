@@ -15,13 +15,18 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
-from pagedllm.multimodal.inputs import ImageFeature, MRopePositions  # noqa: TC001 (msgspec reads them)
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.bitmask import StepBitmask
+
+if TYPE_CHECKING:  # engine.serial gives them to msgspec (they would import torch here)
+    from pagedllm.multimodal.inputs import ImageFeature, MRopePositions
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +53,9 @@ class NewRequestData:
                    list(req.output_token_ids), req.images, req.mrope)
 
 
-@dataclass(slots=True)
-class ScheduledRequest:
-    """One request's share of a step, as values fixed at schedule time (not frozen: a frozen
-    dataclass costs a microsecond more per request per step)."""
+class ScheduledRequest(msgspec.Struct, array_like=True, gc=False):
+    """One request's share of a step, as values fixed at schedule time (a struct: half a
+    dataclass's cost to build, and a third less to decode on a tensor-parallel worker)."""
 
     request_id: str
     # The step's tokens known on the host. One fewer than num_new_tokens: the last one is still

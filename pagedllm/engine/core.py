@@ -13,11 +13,12 @@ alone, and only those that fail alone end, with ``FinishReason.ERROR``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -255,7 +256,7 @@ class EngineCore:
         for s in live:
             # The token the step before was sampling for it is known now (applied above).
             req, start = self.scheduler.requests[s.request_id], s.num_computed_tokens
-            s = dataclasses.replace(s, token_ids=req.token_ids(
+            s = msgspec.structs.replace(s, token_ids=req.token_ids(
                 start, min(start + s.num_new_tokens, req.num_tokens)))
             new = [d for d in sched.new_requests if d.request_id == s.request_id]
             alone = SchedulerOutput(scheduled=[s], new_requests=new,

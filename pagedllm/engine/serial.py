@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 import torch
 
+from pagedllm.core import scheduler
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.engine.messages import (
     EngineCoreInfo,
@@ -24,9 +25,15 @@ from pagedllm.engine.messages import (
     UtilityCall,
     UtilityResult,
 )
+from pagedllm.multimodal.inputs import ImageFeature, MRopePositions
 
 _ARRAY_EXT = 1
 _INLINE_BYTES = 512  # smaller arrays travel inside the body
+
+
+# NewRequestData names these under TYPE_CHECKING only (the scheduler imports no torch);
+# msgspec resolves the annotations of what it decodes in their module.
+vars(scheduler).update(ImageFeature=ImageFeature, MRopePositions=MRopePositions)
 
 
 class StepMessage(msgspec.Struct, array_like=True, gc=False):
