@@ -25,6 +25,7 @@ per-tensor scale per layer as vLLM (1.0 unless calibrated); every backend does t
 from __future__ import annotations
 
 import itertools
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,24 +90,27 @@ class ForwardContext:
     backend: AttentionBackend
 
 
-_context: ForwardContext | None = None
+# Per thread: the CPU model compiles on a thread of its own while the engine steps
+# (worker/cpu_graph.py), each with its own context.
+_local = threading.local()
 
 
 @contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[None]:
     """Scopes one step's attention metadata and KV caches to one model forward."""
-    global _context
-    previous, _context = _context, ctx
+    previous = getattr(_local, "context", None)
+    _local.context = ctx
     try:
         yield
     finally:
-        _context = previous
+        _local.context = previous
 
 
 def get_forward_context() -> ForwardContext:
-    if _context is None:
+    context = getattr(_local, "context", None)
+    if context is None:
         raise RuntimeError("attention called outside forward_context()")
-    return _context
+    return context
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

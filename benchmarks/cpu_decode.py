@@ -1,0 +1,60 @@
+"""Batch-1 decode on the CPU, pagedllm's paths side by side in one process, runs alternating.
+
+    python benchmarks/cpu_decode.py [--paths float32,int4-eager,int4] [--tokens 128] [--runs 5]
+
+Each path is an ``LLM`` on the default model (float32: the dequantized GGUF; int4/int8:
+``--quantization``, compiled in the background unless the name ends in ``-eager``). Every run
+decodes ``--tokens`` tokens after a 64-token prompt (greedy, ``ignore_eos``); the paths take turns
+so that a change in the machine's load hits them alike. Prints each run and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.worker.cpu_graph import is_compiled
+
+
+def build(path: str) -> LLM:
+    quant, _, eager = path.partition("-")
+    llm = LLM(quantization=None if quant == "float32" else quant, enforce_eager=bool(eager),
+              kv_cache_memory_bytes=256 * 2**20, max_model_len=1024)
+    model = llm.engine.core.runner.model
+    if quant != "float32" and not eager:
+        start = time.perf_counter()
+        while not is_compiled(model):  # the background compile
+            time.sleep(0.2)
+        print(f"{path}: compiled {time.perf_counter() - start:.1f} s after load")
+    return llm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--paths", default="float32,int4-eager,int4")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    paths = args.paths.split(",")
+    engines = {p: build(p) for p in paths}
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
+    prompt = {"prompt_token_ids": list(range(1000, 1064))}
+    for llm in engines.values():
+        llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    rates: dict[str, list[float]] = {p: [] for p in paths}
+    for run in range(args.runs):
+        for path, llm in engines.items():
+            start = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            rates[path].append(args.tokens / (time.perf_counter() - start))
+        print(f"run {run}: " + ", ".join(f"{p} {r[-1]:.1f}" for p, r in rates.items()))
+    print(f"threads {torch.get_num_threads()}; median batch-1 decode tok/s: " + ", ".join(
+        f"{p} {statistics.median(r):.1f} ({min(r):.1f}-{max(r):.1f})" for p, r in rates.items()))
+
+
+if __name__ == "__main__":
+    main()
