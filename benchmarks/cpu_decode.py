@@ -1,9 +1,9 @@
 """Batch-1 decode on the CPU, pagedllm's paths side by side in one process, runs alternating.
 
-    python benchmarks/cpu_decode.py [--paths float32,int4-eager,int4] [--tokens 128] [--runs 5]
+    python benchmarks/cpu_decode.py [--paths float32,int4,int4-compiled] [--tokens 128] [--runs 5]
 
 Each path is an ``LLM`` on the default model (float32: the dequantized GGUF; int4/int8:
-``--quantization``, compiled in the background unless the name ends in ``-eager``). Every run
+``--quantization``; ``-compiled``: with ``--compile-cpu``). Every run
 decodes ``--tokens`` tokens after a 64-token prompt (greedy, ``ignore_eos``); the paths take turns
 so that a change in the machine's load hits them alike. Prints each run and the medians.
 """
@@ -21,21 +21,18 @@ from pagedllm.worker.cpu_graph import is_compiled
 
 
 def build(path: str) -> LLM:
-    quant, _, eager = path.partition("-")
-    llm = LLM(quantization=None if quant == "float32" else quant, enforce_eager=bool(eager),
+    quant, _, compiled = path.partition("-")
+    start = time.perf_counter()
+    llm = LLM(quantization=None if quant == "float32" else quant, compile_cpu=bool(compiled),
               kv_cache_memory_bytes=256 * 2**20, max_model_len=1024)
-    model = llm.engine.core.runner.model
-    if quant != "float32" and not eager:
-        start = time.perf_counter()
-        while not is_compiled(model):  # the background compile
-            time.sleep(0.2)
-        print(f"{path}: compiled {time.perf_counter() - start:.1f} s after load")
+    assert is_compiled(llm.engine.core.runner.model) == bool(compiled)
+    print(f"{path}: engine built in {time.perf_counter() - start:.1f} s")
     return llm
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--paths", default="float32,int4-eager,int4")
+    parser.add_argument("--paths", default="float32,int4,int4-compiled")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()

@@ -113,6 +113,10 @@ class DeviceConfig:
         "auto (CUDA when present, else CPU), cuda or cpu.", choices=["auto", "cuda", "cpu"]))
     enforce_eager: bool = field(default=False, metadata=_help(
         "Never capture CUDA graphs."))
+    compile_cpu: bool = field(default=False, metadata=_help(
+        "On the CPU, compile an int4/int8 model with inductor at start-up: batch-1 decode "
+        "~30 percent faster, start-up ~2 min longer the first time (inductor's on-disk cache "
+        "shortens later starts)."))
 
     def resolved(self) -> str:
         if self.device != "auto":

@@ -25,7 +25,6 @@ per-tensor scale per layer as vLLM (1.0 unless calibrated); every backend does t
 from __future__ import annotations
 
 import itertools
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,27 +89,24 @@ class ForwardContext:
     backend: AttentionBackend
 
 
-# Per thread: the CPU model compiles on a thread of its own while the engine steps
-# (worker/cpu_graph.py), each with its own context.
-_local = threading.local()
+_context: ForwardContext | None = None
 
 
 @contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[None]:
     """Scopes one step's attention metadata and KV caches to one model forward."""
-    previous = getattr(_local, "context", None)
-    _local.context = ctx
+    global _context
+    previous, _context = _context, ctx
     try:
         yield
     finally:
-        _local.context = previous
+        _context = previous
 
 
 def get_forward_context() -> ForwardContext:
-    context = getattr(_local, "context", None)
-    if context is None:
+    if _context is None:
         raise RuntimeError("attention called outside forward_context()")
-    return context
+    return _context
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -141,8 +141,8 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
     runner.allocate_kv_cache(plan.num_blocks)
     if graph_sizes:
         runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
-    if cpu_graph.should_compile(device, config.model.quantization, config.device.enforce_eager):
-        cpu_graph.start_background_compile(runner)
+    if cpu_graph.should_compile(device, config.model.quantization, config.device.compile_cpu):
+        cpu_graph.compile_cpu_model(runner)
     return runner, (config, plan)
 
 

@@ -10,17 +10,16 @@ measured). Attention keeps the paged backend's per-step planning (chunks, decode
 tables), so chunked prefill and mixed batches run compiled too: a one-token step gets a graph of
 its own (dynamo specializes size 1), every other size shares a dynamic one.
 
-Compiling the 30-layer graph takes ~2 minutes on two busy cores (much less once inductor's
-on-disk cache holds it), far longer than start-up, so it runs on a background thread, on dummy
-steps with their own one-block KV cache, while the engine steps eagerly; the model's forward is
-swapped for the compiled one when it is done. Only quantized models are compiled: float32 stays
-the eager, exact reference.
+Compiling the 30-layer graph takes ~2 minutes on two busy cores the first time (inductor's
+on-disk cache shortens later starts), so it is opt-in (``--compile-cpu``) and done at start-up,
+on dummy steps with their own one-block KV cache. (On a background thread while the engine
+served eagerly, dynamo's tracing held the GIL and the steps crawled: 0.2 tok/s through the
+server, measured.) Only quantized models are compiled: float32 stays the eager, exact reference.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -36,9 +35,9 @@ logger = logging.getLogger(__name__)
 COMPILED_QUANTIZATIONS = ("int4", "int8")
 
 
-def should_compile(device: torch.device, quantization: str | None, enforce_eager: bool) -> bool:
-    """The policy: quantized CPU models, unless ``--enforce-eager``."""
-    return device.type == "cpu" and quantization in COMPILED_QUANTIZATIONS and not enforce_eager
+def should_compile(device: torch.device, quantization: str | None, compile_cpu: bool) -> bool:
+    """The policy: quantized CPU models, when ``--compile-cpu`` asks."""
+    return device.type == "cpu" and quantization in COMPILED_QUANTIZATIONS and compile_cpu
 
 
 # Attention modules by id, for the custom op (an op's arguments are tensors and scalars).
@@ -75,7 +74,7 @@ def compile_model(model: nn.Module) -> Callable[..., torch.Tensor]:
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """Whether the background compile has swapped ``model``'s forward."""
+    """Whether ``compile_cpu_model`` has swapped ``model``'s forward."""
     return "forward" in vars(model)
 
 
@@ -106,22 +105,11 @@ def _warm_up(runner, compiled) -> None:  # noqa: ANN001 (a ModelRunner)
                 compiled(input_ids, positions)
 
 
-def start_background_compile(runner) -> threading.Thread:  # noqa: ANN001 (a ModelRunner)
-    """Compiles ``runner.model`` on a daemon thread; its steps stay eager until it is done."""
-    model = runner.model
-    compiled = compile_model(model)
-
-    def work() -> None:
-        start = time.perf_counter()
-        try:
-            _warm_up(runner, compiled)
-        except Exception:  # the eager model keeps serving
-            logger.exception("Compiling the CPU model failed; it keeps running eagerly")
-            return
-        model.forward = compiled
-        logger.info("CPU model compiled in %.1f s (inductor; attention eager); steps now run "
-                    "compiled", time.perf_counter() - start)
-
-    thread = threading.Thread(target=work, name="pagedllm-cpu-compile", daemon=True)
-    thread.start()
-    return thread
+def compile_cpu_model(runner) -> None:  # noqa: ANN001 (a ModelRunner)
+    """Compiles ``runner.model`` and swaps its forward for the compiled one."""
+    start = time.perf_counter()
+    compiled = compile_model(runner.model)
+    _warm_up(runner, compiled)
+    runner.model.forward = compiled
+    logger.info("CPU model compiled in %.1f s (inductor; attention an opaque op)",
+                time.perf_counter() - start)

@@ -107,8 +107,18 @@ def test_default_model_in_int4_stays_with_its_float32_reference() -> None:
     from pagedllm.benchmarks.quant_accuracy import compare_to_reference
 
     kwargs = dict(kv_cache_memory_bytes=64 * 2**20, max_model_len=256)
-    quantized = LLM(quantization="int4", enforce_eager=True, **kwargs)  # (compiled: test_cpu_graph)
-    report = compare_to_reference(LLM(**kwargs), quantized, num_tokens=16)
+    report = compare_to_reference(LLM(**kwargs), LLM(quantization="int4", **kwargs),
+                                  num_tokens=16)
     assert report.top1_agreement >= 0.95, report.summary()
     assert report.mean_abs_logprob_diff < 0.06 and report.max_abs_logprob_diff < 0.5, \
         report.summary()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({}, "int4"), ({"device": "cpu"}, "int4"), ({"dtype": "float32"}, None),
+    ({"quantization": "int8"}, "int8"), ({"device": "cuda"}, None)])
+def test_serve_keeps_the_default_gguf_in_4_bits_on_the_cpu(flags: dict, expected: str | None,
+                                                           ) -> None:
+    from pagedllm.layers.quantization.int_weight_only import serve_default_quantization
+
+    assert serve_default_quantization(flags) == expected

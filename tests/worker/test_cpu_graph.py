@@ -1,6 +1,6 @@
 """The compiled CPU step (worker/cpu_graph.py) computes what the eager model computes: the same
 greedy tokens over chunked prompts and mixed prefill/decode steps, on a tiny random Llama with
-int4 weights; and the policy compiles quantized CPU models only."""
+int4 weights; and the policy compiles quantized CPU models only, when asked."""
 
 from __future__ import annotations
 
@@ -33,19 +33,19 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_compiled_step_gives_the_eager_tokens(tiny_llama: str) -> None:
-    llm = LLM(tiny_llama, quantization="int4", enforce_eager=True,
-              kv_cache_memory_bytes=8 * 2**20, **CHUNKED)
+    llm = LLM(tiny_llama, quantization="int4", kv_cache_memory_bytes=8 * 2**20, **CHUNKED)
     prompts = random_prompts((5, 23, 40, 9), VOCAB)  # 16-token steps: chunks beside decodes
     eager = pagedllm_greedy(llm, prompts)
     model = llm.engine.core.runner.model
-    cpu_graph.start_background_compile(llm.engine.core.runner).join()
+    assert not cpu_graph.is_compiled(model)
+    cpu_graph.compile_cpu_model(llm.engine.core.runner)
     assert cpu_graph.is_compiled(model)
     assert pagedllm_greedy(llm, prompts) == eager
 
 
-@pytest.mark.parametrize(("device", "quantization", "eager", "expected"), [
-    ("cpu", "int4", False, True), ("cpu", "int8", False, True), ("cpu", None, False, False),
-    ("cpu", "int4", True, False), ("cuda", "int4", False, False)])
-def test_only_quantized_cpu_models_compile(device: str, quantization: str | None, eager: bool,
+@pytest.mark.parametrize(("device", "quantization", "asked", "expected"), [
+    ("cpu", "int4", True, True), ("cpu", "int8", True, True), ("cpu", None, True, False),
+    ("cpu", "int4", False, False), ("cuda", "int4", True, False)])
+def test_only_quantized_cpu_models_compile(device: str, quantization: str | None, asked: bool,
                                            expected: bool) -> None:
-    assert cpu_graph.should_compile(torch.device(device), quantization, eager) is expected
+    assert cpu_graph.should_compile(torch.device(device), quantization, asked) is expected

@@ -41,6 +41,7 @@ from pagedllm.entrypoints.openai.serving_chat import ChatOptions, OpenAIServingC
 from pagedllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedllm.entrypoints.openai.streaming import ClientDisconnected
 from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from pagedllm.layers.quantization.int_weight_only import serve_default_quantization
 from pagedllm.metrics.prometheus import CONTENT_TYPE, PrometheusStatLogger
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,8 @@ def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
     prometheus_client.disable_created_metrics()  # no *_created series next to every metric
     kwargs = engine_kwargs_from_args(args)
+    if quantization := serve_default_quantization(kwargs):  # the CPU's default: docs there
+        kwargs["quantization"] = quantization
     chat_options = ChatOptions(args.enable_auto_tool_choice, args.tool_call_parser,
                                args.reasoning_parser)
     logger.info("Starting the engine: %s", kwargs or "defaults")

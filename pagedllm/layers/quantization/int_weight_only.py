@@ -21,6 +21,8 @@ reference (``*_ref``) is "dequantize, then multiply in float32" on the same stor
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -157,6 +159,25 @@ class Int4LinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
         return int4_linear(x, layer.weight_int4, layer.scale_and_zero, bias)
+
+
+def serve_default_quantization(kwargs: dict[str, Any]) -> str | None:
+    """What ``pagedllm serve`` runs the linear layers in when neither ``--quantization`` nor
+    ``--dtype`` is given: int4 for a GGUF file whose decoder weights are Q4_1, on the CPU (the
+    file's own values, ~6x fewer bytes per token than float32: measured faster at batch 1 and
+    batched, docs/benchmarks.md); else None (the model dtype). The offline ``LLM`` keeps the
+    model dtype: it is the exact reference the tests hold against transformers."""
+    from pagedllm.config import DeviceConfig
+    from pagedllm.models.loader.gguf import gguf_linear_weights_are_q4_1
+    from pagedllm.models.loader.source import resolve_model
+
+    if kwargs.get("quantization") or kwargs.get("dtype") not in (None, "auto"):
+        return kwargs.get("quantization")
+    if DeviceConfig(kwargs.get("device", "auto")).resolved() != "cpu":
+        return None
+    source = resolve_model(kwargs.get("model"))
+    return "int4" if source.kind == "gguf" and gguf_linear_weights_are_q4_1(source.path) \
+        else None
 
 
 METHODS["int4"] = Int4LinearMethod

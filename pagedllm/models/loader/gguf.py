@@ -153,6 +153,17 @@ def _rope_scaling(path: str) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def gguf_linear_weights_are_q4_1(path: str) -> bool:
+    """Whether every 2-D weight of the file's decoder layers is Q4_1 (a scale and a min per 32
+    inputs: what ``--quantization int4`` holds without loss; Q4_0 and Q4_K blocks would be
+    requantized)."""
+    from gguf.constants import GGMLQuantizationType
+
+    types = {GGMLQuantizationType(t.tensor_type) for t in gguf_reader(path).tensors
+             if t.name.startswith("blk.") and len(t.shape) == 2}
+    return types == {GGMLQuantizationType.Q4_1}
+
+
 def hf_name(gguf_name: str) -> str | None:
     """The HF parameter name for a llama.cpp tensor name, or None for tensors we do not use."""
     m = _LAYER_RE.match(gguf_name)
