@@ -120,9 +120,11 @@ class EngineCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         """Ends the requests now and frees their KV blocks; no output is sent for them."""
         for rid in request_ids:
-            self.structured.free(rid)
+            self.structured.free(rid)  # also drops one still waiting for its grammar
             req = self._live(rid)
-            if req is not None:
+            if req is None:
+                self._exact.discard(rid)
+            else:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
                 self._forget(req)
 

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.engine.messages import EngineCoreRequest
 from pagedllm.sampling_params import StructuredOutputsParams as Structured
 
 pytestmark = pytest.mark.slow
@@ -86,9 +87,16 @@ def test_outputs_match_their_grammar_with_n_and_masks():
     assert all(ids[i:i + len(banned)] != banned for i in range(len(ids)))
     with pytest.raises(ValueError, match="structured_outputs.json"):
         llm.generate("x", SamplingParams(structured_outputs=Structured(json={"type": "objec"})))
-    kv = llm.engine.core.kv_cache
+    # aborted while its grammar compiles: nothing of it is left behind
+    core = llm.engine.core
+    fresh = Structured(json={"type": "array", "items": {"type": "integer"}, "maxItems": 7})
+    core.add_request(EngineCoreRequest("aborted", [1, 2, 3], SamplingParams(
+        structured_outputs=fresh), 0.0))
+    core.abort_requests(["aborted"])
+    assert not core.has_unfinished_requests() and not core._exact
+    kv = core.kv_cache
     assert kv.num_free_blocks == kv.pool.num_blocks, "KV blocks leaked"
-    assert not llm.engine.core.structured._masks, "matchers leaked"
+    assert not core.structured._masks, "matchers leaked"
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
