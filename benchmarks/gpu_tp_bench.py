@@ -1,6 +1,7 @@
-"""Tensor parallelism on the GPUs of one host (run on the nvidia-h200-x2 kind).
+"""Tensor parallelism on the GPUs of one host (run on the nvidia-h200-x2 kind; the TP=4 and
+TP=8 jobs on the -x4 and -x8 kinds).
 
-    python benchmarks/gpu_tp_bench.py [--quick] [--only JOB ...]
+    python benchmarks/gpu_tp_bench.py [--quick] [--only JOB ...]   # default: the TP=2 jobs
 
 gpu_bench.py's workloads and random bf16 weights, each job in a process of its own (a TP engine
 holds both GPUs until its workers exit): the Llama-3.1-8B shape's 500 requests and batch-1
@@ -43,21 +44,28 @@ JOBS = {
     "1b-b1-tp2": ("llama-3.2-1b", "batch1", 2, "<= TP=1 (vLLM TP=2: 2.73 ms)"),
     "70b-tp2": ("llama-3.1-70b", "throughput", 2, "reported"),
     "70b-b1-tp2": ("llama-3.1-70b", "batch1", 2, "floor 17.3 ms"),
+    # nvidia-h200-x4 and -x8 (issue 19)
+    "70b-tp4": ("llama-3.1-70b", "throughput", 4, ">= vLLM TP=4"),
+    "70b-b1-tp4": ("llama-3.1-70b", "batch1", 4, "<= 1.3x floor"),
+    "405b-fp8-tp8": ("llama-3.1-405b", "throughput", 8, "reported"),
+    "405b-fp8-b1-tp8": ("llama-3.1-405b", "batch1", 8, "reported"),
 }
+# jobs whose weights are quantized to FP8 at load
+FP8_JOBS = {"405b-fp8-tp8", "405b-fp8-b1-tp8"}
 
 
-def rank_bytes(config: str, tp: int) -> tuple[int, int]:
-    """(weight bytes, KV bytes per token) of one of ``tp`` ranks, in bf16."""
+def rank_bytes(config: str, tp: int, fp8: bool = False) -> tuple[int, int]:
+    """(weight bytes, KV bytes per token) of one of ``tp`` ranks, in bf16 (or FP8 weights)."""
     with open(os.path.join(CONFIGS, config, "config.json")) as f:
         arch = ModelArch.from_hf_config(json.load(f))
-    weights = memory.weight_bytes_by_dtype(arch, 0, tp)["bfloat16"]
+    weights = memory.weight_bytes_by_dtype(arch, 0, tp)["fp8" if fp8 else "bfloat16"]
     return weights, memory.kv_bytes_per_token(arch.rank_view(tp), "bfloat16")
 
 
 def roofline_tokens_per_s(config: str, tp: int, workload: Workload, max_num_seqs: int,
-                          bw: float) -> float:
+                          bw: float, fp8: bool = False) -> float:
     """gpu_bench's simulation of the decode steps, with one rank's bytes."""
-    weights, kv_tok = rank_bytes(config, tp)
+    weights, kv_tok = rank_bytes(config, tp, fp8)
     pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
     running: list[list[int]] = []
     seconds, tokens = 0.0, 0
@@ -75,18 +83,20 @@ def roofline_tokens_per_s(config: str, tp: int, workload: Workload, max_num_seqs
 
 def run_job(name: str, quick: bool) -> Row:
     config, kind, tp, target = JOBS[name]
+    extra = {"quantization": "fp8"} if name in FP8_JOBS else {}
     bw = copy_bandwidth()
     if kind == "throughput":
         workload = sharegpt_like_workload(100 if quick else 500)
         start = time.perf_counter()
-        llm = make_llm(config, max_num_seqs=256, max_model_len=4096, tensor_parallel_size=tp)
+        llm = make_llm(config, max_num_seqs=256, max_model_len=4096, tensor_parallel_size=tp,
+                       **extra)
         print(f"{name}: start-up {time.perf_counter() - start:.1f} s", flush=True)
         run_pagedllm(llm, Workload(workload.prompts[:4], [8] * 4), "warm-up")
         result = run_pagedllm(llm, workload)
-        roof = roofline_tokens_per_s(config, tp, workload, 256, bw)
+        roof = roofline_tokens_per_s(config, tp, workload, 256, bw, bool(extra))
         return Row(f"{config} TP={tp}: {len(workload.prompts)} reqs", result.output_tokens_per_s,
                    "tok/s", roof, target)
-    llm = make_llm(config, max_num_seqs=8, max_model_len=4096, tensor_parallel_size=tp)
+    llm = make_llm(config, max_num_seqs=8, max_model_len=4096, tensor_parallel_size=tp, **extra)
     run_pagedllm(llm, Workload([list(range(100, 228))], [16]), "warm-up")
     engine, n = llm.engine, 256
     engine.add_request("b1", list(range(100, 228)),
@@ -98,7 +108,7 @@ def run_job(name: str, quick: bool) -> Row:
         engine.step()
         times.append(time.perf_counter() - start)
     times.sort()
-    weights, kv_tok = rank_bytes(config, tp)
+    weights, kv_tok = rank_bytes(config, tp, bool(extra))
     roof_ms = 1000 * (weights + kv_tok * (128 + n / 2)) / bw
     return Row(f"{config} TP={tp}: batch-1 decode step", 1000 * times[len(times) // 2], "ms",
                roof_ms, target)
@@ -107,7 +117,8 @@ def run_job(name: str, quick: bool) -> Row:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=list(JOBS), default=list(JOBS))
+    parser.add_argument("--only", nargs="+", choices=list(JOBS),
+                        default=[j for j in JOBS if JOBS[j][2] == 2])
     parser.add_argument("--job", choices=list(JOBS), help=argparse.SUPPRESS)
     parser.add_argument("--job-timeout-s", type=float, default=300)
     args = parser.parse_args()

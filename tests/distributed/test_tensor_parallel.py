@@ -100,6 +100,14 @@ def test_replicated_kv_head(tmp_path: Path) -> None:
     assert two == one
 
 
+def test_four_ranks(llama_dir: str) -> None:
+    """Four gloo processes (one KV head each), as the 70B runs on four GPUs split it."""
+    prompts = random_prompts(PROMPT_LENS, VOCAB)
+    one = greedy(LLM(llama_dir, dtype="float32", max_model_len=256, **CHUNKED), prompts)
+    four = LLM(llama_dir, dtype="float32", max_model_len=256, tensor_parallel_size=4, **CHUNKED)
+    assert greedy(four, prompts) == one
+
+
 def test_qwen2_vl_with_images(tiny_qwen2_vl_dir: str) -> None:
     """The vision tower is replicated on both ranks; the language model is split."""
     prompts = [{"prompt": chat_prompt(f"{IMAGE}What is in this picture?"),
