@@ -10,8 +10,6 @@ are masks too, so one bitmask per step carries all three to the sampler.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,8 +26,6 @@ from pagedllm.structured_output.backend import (
     bitmask_width,
 )
 from pagedllm.structured_output.bitmask import StepBitmask, clear_token, token_bitmask_row
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is tens of kB)
@@ -64,7 +60,6 @@ class StructuredOutputManager(Generic[T]):
         self._compiling: dict[str, tuple[T, Future[Any]]] = {}
         self._masks: dict[str, _RequestMask] = {}
         self._filler: BatchFiller | None = None
-        self.compile_seconds = 0.0  # cumulative, on the worker thread
 
     # -- requests -------------------------------------------------------------------------
 
@@ -90,12 +85,9 @@ class StructuredOutputManager(Generic[T]):
         return True
 
     def _compile(self, spec: Any) -> Any:
-        start = time.perf_counter()
         if self._compiler is None:
             self._compiler = self._make_compiler()
-        compiled = self._compiler.compile(spec)
-        self.compile_seconds += time.perf_counter() - start
-        return compiled
+        return self._compiler.compile(spec)
 
     def ready(self) -> list[tuple[T, str | None]]:
         """The waiting requests whose grammar is compiled, with None, or with the error that
@@ -126,9 +118,6 @@ class StructuredOutputManager(Generic[T]):
     def free(self, request_id: str) -> None:
         self._masks.pop(request_id, None)
         self._compiling.pop(request_id, None)
-
-    def has_mask(self, request_id: str) -> bool:
-        return request_id in self._masks
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -166,6 +155,3 @@ class StructuredOutputManager(Generic[T]):
                 if rest == 0 or output[-rest:] == word[:-1]:
                     clear_token(bitmask, row, word[-1])
         return bitmask
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
