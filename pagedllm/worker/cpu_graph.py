@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import AttentionMetadata, ForwardContext, forward_context
+from pagedllm.distributed.parallel_state import tp_size
 from pagedllm.layers.attention import Attention
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,12 @@ def _warm_up(runner, compiled) -> None:  # noqa: ANN001 (a ModelRunner)
 
 
 def compile_cpu_model(runner) -> None:  # noqa: ANN001 (a ModelRunner)
-    """Compiles ``runner.model`` and swaps its forward for the compiled one."""
+    """Compiles ``runner.model`` and swaps its forward for the compiled one. Text models on one
+    rank only (M-RoPE positions, image embeddings and collectives are not in the warm-up)."""
+    if runner.arch.vision is not None or runner.arch.mrope_section or tp_size() > 1:
+        logger.warning("--compile-cpu: only text models on one rank are compiled; this one "
+                       "runs eagerly")
+        return
     start = time.perf_counter()
     compiled = compile_model(runner.model)
     _warm_up(runner, compiled)
