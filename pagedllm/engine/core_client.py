@@ -219,7 +219,7 @@ def _stop(proc: subprocess.Popen | None, ctx: zmq.Context, folder: str | None,
         if timeout is None:
             proc.terminate()
         try:
-            proc.wait(1.0 if timeout is None else timeout)
+            proc.wait(5.0 if timeout is None else timeout)
         except subprocess.TimeoutExpired:
             logger.warning("The engine core did not stop in time; killing it")
             proc.kill()

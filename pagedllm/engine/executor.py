@@ -172,6 +172,7 @@ def start_workers(engine_kwargs: dict[str, Any],
         runner, extra = build_runner(engine_kwargs)
         publisher = zmq.Context.instance().socket(zmq.XPUB)
         publisher.setsockopt(zmq.SNDHWM, 0)  # never drop a step
+        publisher.setsockopt(zmq.XPUB_VERBOSE, 1)  # every worker's subscription, not the first
         if env is None:
             folder = tempfile.mkdtemp(prefix="pagedllm-tp-")
             address = f"ipc://{folder}/steps"
