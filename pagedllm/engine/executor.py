@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The workers built their shards with rank 0 (collectives pair them): they connect at once.
+_SUBSCRIBE_TIMEOUT_S = 120
+
 
 class UniProcExecutor:
     """Steps run on the runner of this process."""
@@ -182,6 +185,9 @@ def start_workers(engine_kwargs: dict[str, Any],
             address = f"tcp://{env.master_addr}:{port}"
         dist.broadcast_object_list([address], src=0, group=tp_group().cpu_group)
         for _ in range(world - 1):  # each worker's subscription: none misses the first step
+            if not publisher.poll(_SUBSCRIBE_TIMEOUT_S * 1000):
+                raise RuntimeError(f"tensor-parallel workers did not connect to {address} "
+                                   f"within {_SUBSCRIBE_TIMEOUT_S} s")
             publisher.recv()
     except BaseException:
         if workers is not None:
