@@ -74,11 +74,18 @@ def sharegpt_like_workload(n: int = 500, seed: int = 0, vocab: int = 10000) -> W
 
 
 def roofline_tokens_per_s(llm: LLM, workload: Workload, max_num_seqs: int, bw: float) -> float:
-    """Output tokens/s if every decode step only read the weights and the live KV cache:
-    simulate the decode steps (requests start together, max_num_seqs at a time)."""
+    """Output tokens/s if every decode step only read the weights and the live KV cache."""
     runner = llm.engine.core.runner
-    weights = memory.loaded_weight_bytes(runner.model)
-    kv_tok = memory.kv_bytes_per_token(runner.arch, runner.kv_cache_dtype)
+    return decode_roofline(memory.loaded_weight_bytes(runner.model),
+                           memory.kv_bytes_per_token(runner.arch, runner.kv_cache_dtype),
+                           workload, max_num_seqs, bw)
+
+
+def decode_roofline(weights: int, kv_tok: int, workload: Workload, max_num_seqs: int,
+                    bw: float) -> float:
+    """Output tokens/s of decode steps that read ``weights`` bytes and ``kv_tok`` bytes per
+    live token at ``bw``: the steps simulated (requests start together, max_num_seqs at a
+    time)."""
     pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
     running: list[list[int]] = []
     seconds, tokens = 0.0, 0
@@ -166,24 +173,33 @@ def batch1_row(config: str, bw: float, target: str, **engine_args) -> Row:
     return Row(f"{config}: batch-1 decode step", step_ms, "ms", roof_ms, target)
 
 
-def batch1_step_ms(llm: LLM, bw: float) -> tuple[float, float]:
-    """(median ms of a lone request's decode step, its roofline in ms: the weights and the
-    request's mean KV cache read once at ``bw``)."""
-    run_pagedllm(llm, Workload([list(range(100, 228))], [16]), "warm-up")
-    n = 256
+BATCH1_PROMPT, BATCH1_STEPS = list(range(100, 228)), 256
+
+
+def lone_decode_step_ms(llm: LLM) -> float:
+    """Median ms of a lone request's decode step (128-token prompt, 256 tokens, prefill
+    excluded): ``engine.step()`` end to end, host work included."""
+    run_pagedllm(llm, Workload([BATCH1_PROMPT], [16]), "warm-up")
     engine = llm.engine
-    engine.add_request("b1", list(range(100, 228)),
-                       SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+    engine.add_request("b1", BATCH1_PROMPT,
+                       SamplingParams(temperature=0, max_tokens=BATCH1_STEPS, ignore_eos=True))
     engine.step()  # the prefill
     times = []
     while engine.has_unfinished_requests():
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
-    step_ms = 1000 * float(np.median(times))
-    runner = engine.core.runner
+    return 1000 * float(np.median(times))
+
+
+def batch1_step_ms(llm: LLM, bw: float) -> tuple[float, float]:
+    """(median ms of a lone request's decode step, its roofline in ms: the weights and the
+    request's mean KV cache read once at ``bw``)."""
+    step_ms = lone_decode_step_ms(llm)
+    runner = llm.engine.core.runner
     weights = memory.loaded_weight_bytes(runner.model)
-    kv = memory.kv_bytes_per_token(runner.arch, runner.kv_cache_dtype) * (128 + n / 2)
+    kv = memory.kv_bytes_per_token(runner.arch, runner.kv_cache_dtype) * (
+        len(BATCH1_PROMPT) + BATCH1_STEPS / 2)
     return step_ms, 1000 * (weights + kv) / bw
 
 

@@ -24,14 +24,17 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 from gpu_bench import (  # noqa: E402
+    BATCH1_PROMPT,
+    BATCH1_STEPS,
     CONFIGS,
     Row,
     copy_bandwidth,
+    decode_roofline,
+    lone_decode_step_ms,
     make_llm,
     sharegpt_like_workload,
 )
 
-from pagedllm import SamplingParams  # noqa: E402
 from pagedllm.benchmarks.throughput import Workload, run_pagedllm  # noqa: E402
 from pagedllm.models.arch import ModelArch  # noqa: E402
 from pagedllm.worker import memory  # noqa: E402
@@ -62,25 +65,6 @@ def rank_bytes(config: str, tp: int, fp8: bool = False) -> tuple[int, int]:
     return weights, memory.kv_bytes_per_token(arch.rank_view(tp), "bfloat16")
 
 
-def roofline_tokens_per_s(config: str, tp: int, workload: Workload, max_num_seqs: int,
-                          bw: float, fp8: bool = False) -> float:
-    """gpu_bench's simulation of the decode steps, with one rank's bytes."""
-    weights, kv_tok = rank_bytes(config, tp, fp8)
-    pending = sorted(zip(map(len, workload.prompts), workload.output_lens), reverse=True)
-    running: list[list[int]] = []
-    seconds, tokens = 0.0, 0
-    while pending or running:
-        while pending and len(running) < max_num_seqs:
-            running.append(list(pending.pop()))
-        seconds += (weights + kv_tok * sum(r[0] for r in running)) / bw
-        tokens += len(running)
-        for r in running:
-            r[0] += 1
-            r[1] -= 1
-        running = [r for r in running if r[1] > 0]
-    return tokens / seconds
-
-
 def run_job(name: str, quick: bool) -> Row:
     config, kind, tp, target = JOBS[name]
     extra = {"quantization": "fp8"} if name in FP8_JOBS else {}
@@ -93,25 +77,14 @@ def run_job(name: str, quick: bool) -> Row:
         print(f"{name}: start-up {time.perf_counter() - start:.1f} s", flush=True)
         run_pagedllm(llm, Workload(workload.prompts[:4], [8] * 4), "warm-up")
         result = run_pagedllm(llm, workload)
-        roof = roofline_tokens_per_s(config, tp, workload, 256, bw, bool(extra))
+        roof = decode_roofline(*rank_bytes(config, tp, bool(extra)), workload, 256, bw)
         return Row(f"{config} TP={tp}: {len(workload.prompts)} reqs", result.output_tokens_per_s,
                    "tok/s", roof, target)
     llm = make_llm(config, max_num_seqs=8, max_model_len=4096, tensor_parallel_size=tp, **extra)
-    run_pagedllm(llm, Workload([list(range(100, 228))], [16]), "warm-up")
-    engine, n = llm.engine, 256
-    engine.add_request("b1", list(range(100, 228)),
-                       SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    engine.step()  # the prefill
-    times = []
-    while engine.has_unfinished_requests():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    times.sort()
+    step_ms = lone_decode_step_ms(llm)
     weights, kv_tok = rank_bytes(config, tp, bool(extra))
-    roof_ms = 1000 * (weights + kv_tok * (128 + n / 2)) / bw
-    return Row(f"{config} TP={tp}: batch-1 decode step", 1000 * times[len(times) // 2], "ms",
-               roof_ms, target)
+    roof_ms = 1000 * (weights + kv_tok * (len(BATCH1_PROMPT) + BATCH1_STEPS / 2)) / bw
+    return Row(f"{config} TP={tp}: batch-1 decode step", step_ms, "ms", roof_ms, target)
 
 
 def main() -> None:
