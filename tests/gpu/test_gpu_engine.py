@@ -20,12 +20,17 @@ CONFIGS = {
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model_dir(request, tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param])
+
+
+def random_checkpoint(folder, family: dict):
+    """A 4-layer random-weight checkpoint of ``family`` (architecture, KV heads) in ``folder``,
+    saved by transformers, with a placeholder tokenizer of its 1024 ids."""
     transformers = pytest.importorskip("transformers")
     config = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
               "num_attention_heads": 8, "vocab_size": 1024, "max_position_embeddings": 2048,
               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-              "bos_token_id": 1, "eos_token_id": 2, **CONFIGS[request.param]}
-    folder = tmp_path_factory.mktemp(request.param)
+              "bos_token_id": 1, "eos_token_id": 2, **family}
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     hf_config = transformers.AutoConfig.from_pretrained(folder)

@@ -4,12 +4,11 @@ close to bf16 on the same random weights. Skipped without CUDA."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
+from tests.gpu.test_gpu_engine import CONFIGS, random_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE = "cuda"
@@ -18,26 +17,7 @@ VOCAB = 1024
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-              "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": VOCAB,
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
-    folder = tmp_path_factory.mktemp("llama-fp8")
-    (folder / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    hf_config = transformers.AutoConfig.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    with torch.no_grad():  # larger weights than the default init, so logits are not flat
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder, safe_serialization=True)
-    from pagedllm.tokenizer import placeholder_tokenizer
-
-    placeholder_tokenizer(VOCAB).backend.save(str(folder / "tokenizer.json"))
-    return folder
+    return random_checkpoint(tmp_path_factory.mktemp("llama-fp8"), CONFIGS["llama"])
 
 
 def _prompts(n: int) -> list[list[int]]:
