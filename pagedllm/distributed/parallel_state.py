@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TensorParallelGroup:
@@ -23,8 +25,6 @@ class TensorParallelGroup:
     device_group: dist.ProcessGroup | None = None  # NCCL (CUDA) or gloo (CPU)
     cpu_group: dist.ProcessGroup | None = None  # gloo, for host-side values
 
-
-logger = logging.getLogger(__name__)
 
 _GROUP = TensorParallelGroup()
 # torch 2.13 renamed all_gather_into_tensor (and deprecated the old name)
