@@ -118,10 +118,10 @@ class GpuSpans:
     def __enter__(self) -> GpuSpans:
         launch = self.original = self.runner.launch
 
-        def timed(sched):  # noqa: ANN001, ANN202
+        def timed(sched, token_masks=None):  # noqa: ANN001, ANN202
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
-            out = launch(sched)
+            out = launch(sched, token_masks)
             end.record()
             self.events.append((start, end, len(sched.scheduled)))
             return out

@@ -23,7 +23,6 @@ from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.sampling_params import SamplingParams
-from pagedllm.structured_output.bitmask import StepBitmask
 
 if TYPE_CHECKING:  # engine.serial gives them to msgspec (they would import torch here)
     from pagedllm.multimodal.inputs import ImageFeature, MRopePositions
@@ -78,9 +77,6 @@ class SchedulerOutput:
     num_prompt_chunks: int = 0
     num_decodes: int = 0
     preempted: list[str] = field(default_factory=list)
-    # Token masks (grammars, allowed_token_ids, bad_words) of the sampling rows that have one,
-    # filled by the engine core's StructuredOutputManager.
-    structured: StepBitmask | None = None
 
     @property
     def total_num_tokens(self) -> int:

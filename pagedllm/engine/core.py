@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -34,6 +35,7 @@ from pagedllm.engine.messages import (
 )
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.backend import compiler_for_model
+from pagedllm.structured_output.bitmask import StepBitmask
 from pagedllm.structured_output.manager import StructuredOutputManager, needs_mask
 from pagedllm.worker.model_runner import LaunchedStep, ModelRunner, ModelRunnerOutput
 
@@ -166,11 +168,8 @@ class EngineCore:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = time.monotonic()
                     first.append((req.request_id, max(req.num_cached_tokens, 0)))
-        sched.structured = self.structured.step_bitmask(
-            [(s.request_id, self.scheduler.requests[s.request_id].output_token_ids)
-             for s in sched.scheduled if s.samples])
         try:
-            launched = self.executor.launch(sched)
+            launched = self.executor.launch(sched, self._token_masks(sched.scheduled))
         except Exception as e:
             if not self.executor.retry_failed_steps:
                 raise
@@ -245,6 +244,14 @@ class EngineCore:
                 self._forget(req)
         return list(outputs.values())
 
+    def _token_masks(self, scheduled: list[ScheduledRequest],
+                     ) -> Callable[[], StepBitmask | None]:
+        """What fills the token masks of the sampling rows of ``scheduled`` (the runner calls
+        it once the step's forward is queued)."""
+        rows = [(s.request_id, self.scheduler.requests[s.request_id].output_token_ids)
+                for s in scheduled if s.samples]
+        return functools.partial(self.structured.step_bitmask, rows)
+
     def _run_alone(self, sched: SchedulerOutput, error: Exception) -> list[EngineCoreOutput]:
         """Launching ``sched`` raised: runs each of its requests in a step of its own, so that
         only a request that fails alone ends (with the error it raised)."""
@@ -261,11 +268,9 @@ class EngineCore:
             s = msgspec.structs.replace(s, token_ids=req.token_ids(
                 start, min(start + s.num_new_tokens, req.num_tokens)))
             new = [d for d in sched.new_requests if d.request_id == s.request_id]
-            alone = SchedulerOutput(scheduled=[s], new_requests=new,
-                                    structured=sched.structured and sched.structured.select(
-                                        _sampling_row(sched, s.request_id)))
+            alone = SchedulerOutput(scheduled=[s], new_requests=new)
             try:
-                result = self.executor.launch(alone).result()
+                result = self.executor.launch(alone, self._token_masks([s])).result()
             except Exception as e:
                 logger.exception("Request %s failed", s.request_id)
                 outputs.append(self._fail(s, e))
@@ -302,8 +307,3 @@ def _reads_token_history(params: SamplingParams) -> bool:
                 or params.logprobs is not None or params.prompt_logprobs is not None
                 or params.structured_outputs is not None or params.bad_words_token_ids)
 
-
-def _sampling_row(sched: SchedulerOutput, request_id: str) -> int:
-    """The request's row among the step's sampling rows (-1: it does not sample)."""
-    rows = [s.request_id for s in sched.scheduled if s.samples]
-    return rows.index(request_id) if request_id in rows else -1

@@ -34,6 +34,7 @@ from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.distributed import launch
 from pagedllm.distributed.parallel_state import init_tensor_parallel, tp_group
 from pagedllm.engine.serial import Encoder, Kind, StepMessage
+from pagedllm.structured_output.bitmask import StepBitmask
 from pagedllm.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ class UniProcExecutor:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
-    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
-        return self.runner.launch(sched)
+    def launch(self, sched: SchedulerOutput,
+               token_masks: Callable[[], StepBitmask | None] | None = None) -> LaunchedStep:
+        """``token_masks``: ``ModelRunner.launch``'s (rank 0 samples, so only it needs them)."""
+        return self.runner.launch(sched, token_masks)
 
     def free_request(self, request_id: str) -> None:
         self.runner.free_request(request_id)
@@ -75,10 +78,11 @@ class MultiprocExecutor(UniProcExecutor):
         self._freed: list[str] = []  # told to the workers with the next step
         atexit.register(self.shutdown)
 
-    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+    def launch(self, sched: SchedulerOutput,
+               token_masks: Callable[[], StepBitmask | None] | None = None) -> LaunchedStep:
         self._publish(StepMessage(self._freed, sched))
         self._freed = []
-        return self.runner.launch(sched)
+        return self.runner.launch(sched, token_masks)
 
     def free_request(self, request_id: str) -> None:
         super().free_request(request_id)

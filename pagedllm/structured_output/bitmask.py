@@ -15,11 +15,6 @@ class StepBitmask:
     rows: np.ndarray  # [k] int64
     bitmask: np.ndarray  # [k, ceil(vocab / 32)] int32
 
-    def select(self, row: int) -> StepBitmask | None:
-        """The mask of sampling row ``row`` alone, as row 0 of a step of its own."""
-        at = np.flatnonzero(self.rows == row)
-        return StepBitmask(np.zeros(1, np.int64), self.bitmask[at]) if len(at) else None
-
 
 def token_bitmask_row(token_ids: list[int], vocab_size: int) -> np.ndarray:
     """[words] int32 with exactly ``token_ids`` allowed."""

@@ -12,6 +12,7 @@ broadcasts the sampled ids, which the other ranks need as their next step's inpu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ from pagedllm.engine.messages import LogprobsEntry
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ProcessedImage
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.bitmask import StepBitmask
 from pagedllm.worker.block_table import BlockTables
 from pagedllm.worker.cuda_graphs import CUDAGraphRunner
 from pagedllm.worker.device_copy import to_device
@@ -185,10 +187,13 @@ class ModelRunner:
         return self.launch(sched).result()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+    def launch(self, sched: SchedulerOutput,
+               token_masks: Callable[[], StepBitmask | None] | None = None) -> LaunchedStep:
         """Queues the step on the device and returns at once (on a GPU); ``result()`` waits for
         its sampled tokens. A request whose last token is still pending from the step launched
-        before takes it straight from that step's output on the device."""
+        before takes it straight from that step's output on the device. ``token_masks`` makes
+        the sampling rows' token masks (grammars, ...): it is called once the forward is queued,
+        so on a GPU the host fills them while the device runs the model."""
         for data in sched.new_requests:  # new, or resumed after a preemption: replaces
             self.requests[data.request_id] = data
         input_ids, positions, metadata = self._prepare_inputs(sched.scheduled)
@@ -214,9 +219,10 @@ class ModelRunner:
         if sampling:
             logits = self.model.compute_logits(hidden[rows])
             if self.driver:
-                if sched.structured is not None:  # some rows' token masks (grammars, ...)
-                    tensors.bitmask_rows = to_device(sched.structured.rows, self.device)
-                    tensors.token_bitmask = to_device(sched.structured.bitmask, self.device)
+                masks = token_masks() if token_masks is not None else None
+                if masks is not None:  # some rows' token masks (grammars, ...)
+                    tensors.bitmask_rows = to_device(masks.rows, self.device)
+                    tensors.token_bitmask = to_device(masks.bitmask, self.device)
                 step.sampled = self.sampler(logits, tensors)
                 token_ids = step.sampled.token_ids
             else:

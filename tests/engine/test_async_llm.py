@@ -141,10 +141,10 @@ def poison(llm: AsyncLLM, request_id: str) -> None:
     runner = llm.core.runner
     real_launch = runner.launch
 
-    def launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
+    def launch(sched, token_masks=None):  # noqa: ANN001, ANN202 - ModelRunner.launch's
         if any(s.request_id == request_id for s in sched.scheduled):
             raise RuntimeError(f"injected failure of {request_id}")
-        return real_launch(sched)
+        return real_launch(sched, token_masks)
 
     runner.launch = launch
 

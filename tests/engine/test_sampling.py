@@ -362,12 +362,12 @@ def test_a_failing_sample_ends_alone_offline(llm, tok) -> None:
     story_ids = tok.encode(STORY)
     runner = llm.engine.core.runner
 
-    def launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
+    def launch(sched, token_masks=None):  # noqa: ANN001, ANN202 - ModelRunner.launch's
         known = {**runner.requests, **{d.request_id: d for d in sched.new_requests}}
         if any(known[s.request_id].prompt_token_ids == story_ids and s.request_id.endswith("-1")
                for s in sched.scheduled):
             raise RuntimeError("injected failure")
-        return type(runner).launch(runner, sched)
+        return type(runner).launch(runner, sched, token_masks)
 
     runner.launch = launch
     try:

@@ -26,7 +26,7 @@ def llm() -> Iterator[AsyncLLM]:
 def _fail_next_step(llm: AsyncLLM) -> None:
     runner = llm.core.runner
 
-    def failing_launch(sched):  # noqa: ANN001, ANN202 - SchedulerOutput -> LaunchedStep
+    def failing_launch(sched, token_masks=None):  # noqa: ANN001, ANN202 - ModelRunner.launch's
         del runner.launch  # the class's method again
         raise RuntimeError("injected failure")
 
