@@ -335,7 +335,7 @@ class AsyncLLM:
                                                    command.arrival_time)
                 added.append(request_id)
                 self._routes[request_id] = command.stream
-                self._collector.add_request(request_id, params.output_kind)
+                self._collector.add_request(request_id, params)
         except Exception as e:
             for request_id in added:
                 del self._routes[request_id]

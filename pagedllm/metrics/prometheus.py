@@ -26,6 +26,17 @@ _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 3
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+def _one_two_five(limit: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out, decade = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * decade > limit:
+                return out
+            out.append(float(m * decade))
+        decade *= 10
+
+
 def _powers_of_two(limit: int) -> list[float]:
     out, b = [], 1
     while b < limit:
@@ -42,7 +53,8 @@ class PrometheusStatLogger:
 
     def __init__(self, model_name: str, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, max_model_len: int = 8192,
+                 cache_config: dict[str, str] | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r, labels = self.registry, ["model_name"]
 
@@ -85,6 +97,29 @@ class PrometheusStatLogger:
         self.iteration_reqs = histogram("pagedllm:iteration_num_requests",
                                         "Requests scheduled per engine step (the batch size).",
                                         _powers_of_two(max_num_seqs))
+        # vLLM's per-request histograms, observed when a request ends
+        tokens = _one_two_five(max_model_len)
+        self.request_prompt_tokens = histogram("pagedllm:request_prompt_tokens",
+                                               "Prompt tokens of each finished request.", tokens)
+        self.request_generation_tokens = histogram(
+            "pagedllm:request_generation_tokens",
+            "Generated tokens of each finished request (all its samples).", tokens)
+        self.request_n = histogram("pagedllm:request_params_n", "The n of each request.",
+                                   (1, 2, 5, 10, 20))
+        self.request_max_tokens = histogram("pagedllm:request_params_max_tokens",
+                                            "The max_tokens of each request.", tokens)
+        self.request_prefill = histogram("pagedllm:request_prefill_time_seconds",
+                                         "First scheduled to first token.", _REQUEST_BUCKETS)
+        self.request_decode = histogram("pagedllm:request_decode_time_seconds",
+                                        "First token to last token.", _REQUEST_BUCKETS)
+        self.request_inference = histogram("pagedllm:request_inference_time_seconds",
+                                           "First scheduled to last token.", _REQUEST_BUCKETS)
+        self.request_tpot = histogram("pagedllm:request_time_per_output_token_seconds",
+                                      "Decode time over generated tokens less one.",
+                                      _ITL_BUCKETS)
+        if cache_config:  # vLLM's info gauge: the cache settings as labels, value 1
+            Gauge("pagedllm:cache_config_info", "Information of the KV cache config.",
+                  sorted(cache_config), registry=r).labels(**cache_config).set(1)
         for reason in ("stop", "length", "abort"):
             self._success.labels(model_name, reason)  # shown at 0 from the start
 
@@ -113,8 +148,17 @@ class PrometheusStatLogger:
             self._success.labels(self._model_name, done.finish_reason).inc()
             if done.e2e_latency is not None:
                 self.e2e.observe(done.e2e_latency)
-            if done.queue_time is not None:
-                self.queue_time.observe(done.queue_time)
+            for metric, value in ((self.queue_time, done.queue_time),
+                                  (self.request_prefill, done.prefill_time),
+                                  (self.request_decode, done.decode_time),
+                                  (self.request_inference, done.inference_time),
+                                  (self.request_tpot, done.time_per_output_token),
+                                  (self.request_max_tokens, done.max_tokens)):
+                if value is not None:
+                    metric.observe(value)
+            self.request_prompt_tokens.observe(done.num_prompt_tokens)
+            self.request_generation_tokens.observe(done.num_generation_tokens)
+            self.request_n.observe(done.n)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format (``CONTENT_TYPE``)."""

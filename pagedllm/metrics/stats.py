@@ -9,11 +9,11 @@ request's outputs to time its first token, the gaps between tokens and its end. 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import RequestOutputKind
+from pagedllm.outputs import RequestMetrics, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.messages import EngineStats
@@ -32,11 +32,20 @@ class SchedulerStats:
 
 @dataclass(frozen=True)
 class FinishedRequestStats:
+    """One ended request, with vLLM's per-request phases (seconds; None where the request
+    never reached the phase, or ended outside a step's outputs: aborted or failed)."""
+
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     num_prompt_tokens: int
     num_generation_tokens: int
-    e2e_latency: float | None = None  # seconds; None for aborted or failed requests
+    e2e_latency: float | None = None
     queue_time: float | None = None  # arrival -> first scheduled
+    n: int = 1
+    max_tokens: int | None = None
+    prefill_time: float | None = None  # first scheduled -> first token
+    decode_time: float | None = None  # first token -> last token
+    inference_time: float | None = None  # first scheduled -> last token
+    time_per_output_token: float | None = None  # decode time / (generated tokens - 1)
 
 
 @dataclass
@@ -64,6 +73,8 @@ class _Tracker:
     """One request as seen through its outputs."""
 
     kind: RequestOutputKind
+    n: int = 1
+    max_tokens: int | None = None
     num_prompt_tokens: int = 0
     tokens: dict[int, int] = field(default_factory=dict)  # sample index -> tokens so far
     first_token_seen: bool = False
@@ -77,8 +88,8 @@ class StatsCollector:
         self._prev: EngineStats | None = None
         self._requests: dict[str, _Tracker] = {}
 
-    def add_request(self, request_id: str, kind: RequestOutputKind) -> None:
-        self._requests[request_id] = _Tracker(kind)
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        self._requests[request_id] = _Tracker(params.output_kind, params.n, params.max_tokens)
 
     def forget(self, request_ids: list[str]) -> None:
         """Drops requests that never ran (refused as part of a group)."""
@@ -108,7 +119,8 @@ class StatsCollector:
             tracker = self._requests.pop(request_id, None)
             if tracker is not None:
                 it.finished.append(FinishedRequestStats(
-                    reason, tracker.num_prompt_tokens, sum(tracker.tokens.values())))
+                    reason, tracker.num_prompt_tokens, sum(tracker.tokens.values()),
+                    n=tracker.n, max_tokens=tracker.max_tokens))
         return scheduler_stats(stats), it
 
     def _deltas(self, stats: EngineStats) -> IterationStats:
@@ -155,14 +167,28 @@ class StatsCollector:
 def _finished(tracker: _Tracker, out: RequestOutput) -> FinishedRequestStats:
     reasons = [o.finish_reason for o in sorted(out.outputs, key=lambda o: o.index)
                if o.finish_reason]
-    e2e = queue = None
+    generated = sum(tracker.tokens.values())
+    stats = FinishedRequestStats(reasons[0] if reasons else "stop", tracker.num_prompt_tokens,
+                                 generated, n=tracker.n, max_tokens=tracker.max_tokens)
     m = out.metrics
-    if m is not None:
-        e2e = (m.finished_time or time.monotonic()) - m.arrival_time
-        if m.first_scheduled_time is not None:
-            queue = m.first_scheduled_time - m.arrival_time
-    return FinishedRequestStats(reasons[0] if reasons else "stop", tracker.num_prompt_tokens,
-                                sum(tracker.tokens.values()), e2e, queue)
+    return stats if m is None else _with_phases(stats, m, max(tracker.tokens.values(),
+                                                              default=0))
+
+
+def _with_phases(stats: FinishedRequestStats, m: RequestMetrics,
+                 longest: int) -> FinishedRequestStats:
+    """The request's phases from its timestamps (``longest``: its longest sample's tokens)."""
+    def span(start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else end - start
+
+    decode = span(m.first_token_time, m.last_token_time)
+    return replace(
+        stats, e2e_latency=(m.finished_time or time.monotonic()) - m.arrival_time,
+        queue_time=span(m.arrival_time, m.first_scheduled_time),
+        prefill_time=span(m.first_scheduled_time, m.first_token_time), decode_time=decode,
+        inference_time=span(m.first_scheduled_time, m.last_token_time),
+        time_per_output_token=decode / (longest - 1) if decode is not None and longest > 1
+        else None)
 
 
 def scheduler_stats(stats: EngineStats) -> SchedulerStats:

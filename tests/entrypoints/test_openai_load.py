@@ -141,6 +141,18 @@ def test_metrics_count_known_requests(server: Server) -> None:
                  "request_queue_time_seconds"):
         assert delta(f"pagedllm:{name}_count") == 3, name
     assert delta("pagedllm:inter_token_latency_seconds_count") == 3 * 4
+    # vLLM's per-request histograms: one observation per finished request
+    for name in ("request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_inference_time_seconds", "request_time_per_output_token_seconds"):
+        assert delta(f"pagedllm:{name}_count") == 3, name
+    assert delta("pagedllm:request_prompt_tokens_sum") == prompt_tokens
+    assert delta("pagedllm:request_generation_tokens_sum") == 15
+    assert delta("pagedllm:request_params_max_tokens_sum") == 15
+    assert delta("pagedllm:request_params_n_sum") == 3
+    (info,) = [dict(labels) for (name, labels), value in after.items()
+               if name == "pagedllm:cache_config_info" and value == 1]
+    assert info["block_size"] == "16" and int(info["num_gpu_blocks"]) > 0
+    assert info["enable_prefix_caching"] == "True"
     # Each request: its prompt (less cache hits), then one decode token per token after the first.
     assert delta("pagedllm:iteration_tokens_total_sum") == prompt_tokens + 3 * 4 \
         - delta("pagedllm:prefix_cache_hits_total")

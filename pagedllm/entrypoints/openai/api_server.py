@@ -97,8 +97,15 @@ def build_app(engine: AsyncLLM, api_key: str | None = None,
     completion = OpenAIServingCompletion(engine, names)
     chat = OpenAIServingChat(engine, names, chat_options)
     cfg = engine.config
-    metrics = PrometheusStatLogger(engine.model_name, cfg.scheduler.max_num_seqs,
-                                   cfg.scheduler.max_num_batched_tokens or 8192)
+    cache = cfg.cache
+    info = engine.core_info
+    metrics = PrometheusStatLogger(
+        engine.model_name, cfg.scheduler.max_num_seqs,
+        cfg.scheduler.max_num_batched_tokens or 8192, max_model_len=cfg.model.max_model_len,
+        cache_config={"block_size": str(info.block_size), "num_gpu_blocks": str(info.num_blocks),
+                      "gpu_memory_utilization": str(cache.gpu_memory_utilization),
+                      "enable_prefix_caching": str(cache.enable_prefix_caching),
+                      "cache_dtype": cache.kv_cache_dtype})
     engine.add_stat_logger(metrics)
     app.state.engine = engine
     app.state.metrics = metrics
