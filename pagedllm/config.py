@@ -42,6 +42,10 @@ class ModelConfig:
         "Jinja chat template (file path or inline) overriding the model's own."))
     max_logprobs: int = field(default=20, metadata=_help(
         "Largest logprobs / prompt_logprobs a request may ask for."))
+    generation_config: str = field(default="auto", metadata=_help(
+        "Server requests' default sampling parameters: auto (the model folder's "
+        "generation_config.json, as vLLM), vllm (none: OpenAI's defaults), or a folder holding "
+        "a generation_config.json."))
     quantization: str | None = field(default=None, metadata=_help(
         "Quantize the linear layers' weights: fp8 (GPU, e4m3 with per-channel scales), int8 "
         "(CPU, weight-only, per-channel) or int4 (CPU, weight-only, a scale and zero per 32 "

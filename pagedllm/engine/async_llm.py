@@ -164,6 +164,11 @@ class AsyncLLM:
         return self.frontend.config
 
     @property
+    def default_sampling(self) -> dict[str, Any]:
+        """What requests' unset sampling fields take (the model's generation_config.json)."""
+        return self.frontend.default_sampling
+
+    @property
     def core_info(self) -> EngineCoreInfo:
         assert self.client.info is not None  # set once the core is ready
         return self.client.info

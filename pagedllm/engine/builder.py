@@ -17,6 +17,7 @@ from pagedllm.distributed.launch import tensor_parallel_size
 from pagedllm.distributed.parallel_state import init_peer_all_reduce, min_over_ranks, tp_group
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.executor import UniProcExecutor, start_workers
+from pagedllm.engine.generation_config import default_sampling_params
 from pagedllm.engine.inputs import InputProcessor
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import create_quantized_weights, quantize_model
@@ -51,6 +52,8 @@ class FrontendParts:
     tokenizer: Tokenizer
     input_processor: InputProcessor
     model_name: str
+    # sampling fields a server request leaves unset take these (generation_config.json)
+    default_sampling: dict[str, Any]
 
 
 def resolve_engine_args(kwargs: dict[str, Any]) -> tuple[ModelSource, ModelArch, EngineConfig]:
@@ -78,7 +81,8 @@ def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
         tokenizer = placeholder_tokenizer(arch.vocab_size)
     processor = build_input_processor(source, arch, config, tokenizer)
     name = config.model.served_model_name or source.name
-    return FrontendParts(config, arch, tokenizer, processor, name)
+    defaults = default_sampling_params(source, config.model.generation_config)
+    return FrontendParts(config, arch, tokenizer, processor, name, defaults)
 
 
 def build_core(kwargs: dict[str, Any]) -> EngineCore:

@@ -28,6 +28,7 @@ class Frontend:
         self.tokenizer = parts.tokenizer
         self.input_processor = parts.input_processor
         self.model_name = parts.model_name
+        self.default_sampling = parts.default_sampling
         self.vocab_size = parts.arch.vocab_size
         self.output_processor = OutputProcessor(parts.tokenizer)
         self._eos_ids = set(parts.arch.eos_token_ids)

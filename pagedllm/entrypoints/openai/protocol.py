@@ -169,9 +169,11 @@ class SamplingRequest(OpenAIModel):
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
                            prompt_logprobs: int | None = None,
-                           structured: StructuredOutputsParams | None = None) -> SamplingParams:
-        """Raises ``ValueError`` (a 400) on an out-of-range value, naming the field."""
-        optional: dict[str, Any] = {
+                           structured: StructuredOutputsParams | None = None,
+                           defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Raises ``ValueError`` (a 400) on an out-of-range value, naming the field. Fields the
+        request leaves unset take ``defaults`` (the model's generation_config.json), if any."""
+        optional: dict[str, Any] = (defaults or {}) | {
             name: getattr(self, name)
             for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                          "frequency_penalty", "repetition_penalty")

@@ -23,6 +23,7 @@ class OpenAIServing:
         self.served_model_names = list(served_model_names)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.default_sampling = engine.default_sampling
         self.logprobs = LogprobFormatter(self.tokenizer)
 
     def model_name(self, requested: str | None) -> str:

@@ -147,7 +147,7 @@ class OpenAIServingChat(OpenAIServing):
                 raise APIError(f"tools: a function's parameters are not a valid JSON schema: "
                                f"{e}", param="tools") from None
         return request.to_sampling_params(max_tokens, logprobs, request.prompt_logprobs,
-                                          structured)
+                                          structured, self.default_sampling)
 
 
 class _ChatJob:

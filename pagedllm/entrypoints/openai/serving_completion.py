@@ -69,7 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.echo and request.logprobs is not None:
             prompt_logprobs = max(prompt_logprobs or 0, request.logprobs)
         return request.to_sampling_params(max_tokens, request.logprobs, prompt_logprobs,
-                                          request.structured_params())
+                                          request.structured_params(), self.default_sampling)
 
 
 class _Job:
