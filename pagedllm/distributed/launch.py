@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from pagedllm.config import DeviceConfig
+
 
 @dataclass(frozen=True)
 class TorchrunEnv:
@@ -51,8 +53,7 @@ def become_worker_if_torchrun(engine_kwargs: dict[str, Any]) -> None:
 
 
 def uses_cuda(engine_kwargs: dict[str, Any]) -> bool:
-    device = engine_kwargs.get("device") or "auto"
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return DeviceConfig(engine_kwargs.get("device") or "auto").resolved() == "cuda"
 
 
 def rank_device(engine_kwargs: dict[str, Any], local_rank: int) -> torch.device:

@@ -89,7 +89,8 @@ class MPClient:
                 name="pagedllm-core")
             self._thread.start()
         else:
-            self.proc = _start_process(engine_kwargs, base)
+            self.proc = start_child("pagedllm.engine.core_proc", engine_kwargs,
+                                    ["--input", f"{base}/input", "--output", f"{base}/output"])
             self.sentinel = _pidfd(self.proc.pid)
         self._finalizer = weakref.finalize(self, _stop, self.proc, self._ctx, self._dir)
         self.info: EngineCoreInfo | None = None  # set by wait_ready()
@@ -198,15 +199,16 @@ def utility_result(result: UtilityResult) -> Any:
     return result.result
 
 
-def _start_process(engine_kwargs: dict[str, Any], base: str) -> subprocess.Popen:
-    """``python -m pagedllm.engine.core_proc``, its engine arguments on stdin."""
+def start_child(module: str, payload: dict[str, Any], args: list[str]) -> subprocess.Popen:
+    """``python -m module args``, told this process's pid (``--parent-pid``: it exits when this
+    one is gone) and log level, with ``payload`` as JSON on its stdin (the engine core, a
+    tensor-parallel worker)."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pagedllm.engine.core_proc", "--input", f"{base}/input",
-         "--output", f"{base}/output", "--parent-pid", str(os.getpid()), "--log-level", level],
-        stdin=subprocess.PIPE)
+        [sys.executable, "-m", module, *args, "--parent-pid", str(os.getpid()),
+         "--log-level", level], stdin=subprocess.PIPE)
     assert proc.stdin is not None
-    proc.stdin.write(json.dumps(engine_kwargs).encode())
+    proc.stdin.write(json.dumps(payload).encode())
     proc.stdin.close()
     return proc
 

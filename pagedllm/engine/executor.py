@@ -15,12 +15,10 @@ process exits (the front end reports the engine dead) rather than wait on a coll
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -33,6 +31,7 @@ import zmq
 from pagedllm.core.scheduler import SchedulerOutput
 from pagedllm.distributed import launch
 from pagedllm.distributed.parallel_state import init_tensor_parallel, tp_group
+from pagedllm.engine.core_client import start_child
 from pagedllm.engine.serial import Encoder, Kind, StepMessage
 from pagedllm.structured_output.bitmask import StepBitmask
 from pagedllm.worker.model_runner import LaunchedStep, ModelRunner
@@ -113,23 +112,12 @@ class WorkerGroup:
 
     def __init__(self, engine_kwargs: dict[str, Any], world: int, init_method: str) -> None:
         self.stopping = threading.Event()
-        self.procs = [self._start(engine_kwargs, rank, world, init_method)
+        self.procs = [start_child("pagedllm.worker.worker_proc",
+                                  {"engine_kwargs": engine_kwargs, "rank": rank,
+                                   "world_size": world, "local_rank": rank,
+                                   "init_method": init_method}, [])
                       for rank in range(1, world)]
         threading.Thread(target=self._watch, name="pagedllm-tp-watchdog", daemon=True).start()
-
-    @staticmethod
-    def _start(engine_kwargs: dict[str, Any], rank: int, world: int,
-               init_method: str) -> subprocess.Popen:
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pagedllm.worker.worker_proc", "--parent-pid",
-             str(os.getpid()), "--log-level", level], stdin=subprocess.PIPE)
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps({"engine_kwargs": engine_kwargs, "rank": rank,
-                                     "world_size": world, "local_rank": rank,
-                                     "init_method": init_method}).encode())
-        proc.stdin.close()
-        return proc
 
     def _watch(self) -> None:
         fds = {os.pidfd_open(p.pid): p for p in self.procs}
