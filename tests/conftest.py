@@ -49,6 +49,13 @@ QWEN2_VL_CHAT_TEMPLATE = (
 VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 49152, 49153, 49154, 49155
 
 
+# The tiny Qwen2-VL and Qwen2.5-VL's language model (M-RoPE over 2 + 3 + 3 rotary half-dims).
+TINY_QWEN2_VL_TEXT = dict(vocab_size=49160, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+
+
 def build_tiny_qwen2_vl(folder: str, default_tokenizer: Tokenizer) -> str:
     """A complete random-weight Qwen2-VL folder (config, safetensors, tokenizer with the vision
     tokens and chat template, preprocessor config), saved by transformers itself."""
@@ -56,10 +63,7 @@ def build_tiny_qwen2_vl(folder: str, default_tokenizer: Tokenizer) -> str:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=49160, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
+        text_config=TINY_QWEN2_VL_TEXT,
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
                            in_channels=3, patch_size=14, spatial_merge_size=2,
                            temporal_patch_size=2),
@@ -122,10 +126,7 @@ def build_tiny_qwen2_5_vl(folder: str, default_tokenizer: Tokenizer) -> str:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=49160, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
+        text_config=TINY_QWEN2_VL_TEXT,
         vision_config=TINY_QWEN2_5_VL_VISION,
         image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID,
         vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
