@@ -21,7 +21,7 @@ from pagedllm.engine.generation_config import default_sampling_params
 from pagedllm.engine.inputs import InputProcessor
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantization import create_quantized_weights, quantize_model
-from pagedllm.layers.quantization.checkpoint import resolve_quantization
+from pagedllm.layers.quantization.checkpoint import LoadQuantization, resolve_quantization
 from pagedllm.layers.quantization.fp8 import kv_cache_dtype
 from pagedllm.models.arch import ModelArch
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
@@ -56,21 +56,24 @@ class FrontendParts:
     default_sampling: dict[str, Any]
 
 
-def resolve_engine_args(kwargs: dict[str, Any]) -> tuple[ModelSource, ModelArch, EngineConfig]:
-    """The model's files, its architecture and the engine config: what both halves (front
-    end and core, maybe in two processes) read from the same arguments."""
+def resolve_engine_args(kwargs: dict[str, Any],
+                        ) -> tuple[ModelSource, ModelArch, EngineConfig, LoadQuantization]:
+    """The model's files, its architecture, the engine config and how its weights load: what
+    both halves (front end and core, maybe in two processes) read from the same arguments, the
+    model's config read once. A checkpoint format the core cannot load is refused here, so the
+    front end refuses it before a core is started."""
     source = resolve_model(kwargs.get("model"))
-    arch = ModelArch.from_hf_config(load_hf_config(source))
+    hf_config = load_hf_config(source)
+    arch = ModelArch.from_hf_config(hf_config)
     config = EngineConfig.create(arch.max_position_embeddings, **kwargs)
     arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
-    return source, arch, config
+    quant = resolve_quantization(hf_config, config.model.quantization, config.model.load_format,
+                                 arch.moe is not None)
+    return source, arch, config, quant
 
 
 def build_frontend(kwargs: dict[str, Any]) -> FrontendParts:
-    source, arch, config = resolve_engine_args(kwargs)
-    # A checkpoint format the core cannot load is refused before a core is started.
-    resolve_quantization(load_hf_config(source), config.model.quantization,
-                         config.model.load_format, arch.moe is not None)
+    source, arch, config, _ = resolve_engine_args(kwargs)
     try:
         tokenizer = load_tokenizer(source, config.model.chat_template)
     except FileNotFoundError:
@@ -100,7 +103,7 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
     """This rank's runner, with its model shard, KV cache (as many blocks as the smallest rank
     has room for) and CUDA graphs."""
     start = time.perf_counter()
-    source, arch, config = resolve_engine_args(kwargs)
+    source, arch, config, quant = resolve_engine_args(kwargs)
     tp = tp_group()
     device = torch.device(config.device.resolved())
     if device.type == "cuda":
@@ -109,7 +112,7 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
     kv_dtype = kv_cache_dtype(config.cache.kv_cache_dtype, dtype)
     _note_cpu_fp8(config, device)
     torch.manual_seed(config.model.seed)
-    model = load_model(source, arch, config, device, dtype)
+    model = load_model(source, arch, config, quant, device, dtype)
     sched = config.scheduler
     init_peer_all_reduce(max(sched.max_num_batched_tokens, sched.max_num_seqs)
                          * arch.hidden_size, dtype)
@@ -127,14 +130,14 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
                                  image_config.max_image_tokens()))
     graph_sizes = [] if device.type != "cuda" or config.device.enforce_eager else \
         memory.default_cuda_graph_sizes(config.scheduler.max_num_seqs)
+    rank_arch = arch.rank_view(tp.size)
     kv_bytes = config.cache.kv_cache_memory_bytes
     if kv_bytes is None:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
-            _profile_gpu_kv_cache_bytes(runner, config, arch.rank_view(tp.size), dtype,
-                                        weights, graph_sizes, image_config)
-    rank_arch = arch.rank_view(tp.size)
+            _profile_gpu_kv_cache_bytes(runner, config, rank_arch, dtype, weights, graph_sizes,
+                                        image_config)
     plan = KVCachePlan.from_budget(rank_arch, kv_dtype, config.cache.block_size,
-                                          config.model.max_model_len, kv_bytes)
+                                   config.model.max_model_len, kv_bytes)
     # every rank holds the same blocks: as many as the smallest has room for
     kv_bytes = min_over_ranks(plan.num_blocks) * plan.bytes_per_block
     plan = memory.plan_kv_cache(rank_arch, kv_dtype, config.cache.block_size,
@@ -207,10 +210,8 @@ def _profile_gpu_kv_cache_bytes(runner: ModelRunner, config: EngineConfig, arch:
                                       activation, graphs, other)
 
 
-def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig, device: torch.device,
-               dtype: torch.dtype) -> nn.Module:
-    quant = resolve_quantization(load_hf_config(source), config.model.quantization,
-                                 config.model.load_format, arch.moe is not None)
+def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig,
+               quant: LoadQuantization, device: torch.device, dtype: torch.dtype) -> nn.Module:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
