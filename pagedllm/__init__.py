@@ -1,5 +1,6 @@
 """pagedllm: a small, exact LLM inference and serving engine."""
 
+from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -14,4 +15,5 @@ def __getattr__(name: str):  # LLM imports torch and the model code: only on fir
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+           "__version__"]

@@ -8,6 +8,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pagedllm.engine.beam_search import (
+    BeamBatch,
+    BeamSearch,
+    BeamSearchOutput,
+    BeamSearchParams,
+    round_params,
+)
 from pagedllm.engine.inputs import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.chat_utils import render_chat
@@ -69,6 +76,51 @@ class LLM:
             prompts.append({"prompt_token_ids": token_ids,
                             "multi_modal_data": {"image": images}} if images else token_ids)
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search (see ``pagedllm.engine.beam_search``): one output per prompt, its
+        ``sequences`` best first. A sequence's ``tokens`` are the prompt's and the generated
+        ones; its ``text`` is theirs decoded with special tokens, as vLLM's, except that a final
+        EOS is in it only with ``include_stop_str_in_output`` (vLLM always puts it there)."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        max_logprobs = self.engine.config.model.max_logprobs
+        if 2 * params.beam_width > max_logprobs:  # each round asks for 2 * beam_width logprobs
+            raise ValueError(f"beam_width must be at most max_logprobs / 2 "
+                             f"({max_logprobs // 2}), got {params.beam_width}.")
+        token_lists = [self._beam_prompt(p, params) for p in prompts]
+        tokenizer = self.engine.tokenizer
+        batch = BeamBatch([BeamSearch(ids, params, tokenizer.eos_token_id)
+                           for ids in token_lists])
+        sampling = round_params(params)
+        bar = tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm)
+        while not batch.finished:
+            # Every live beam of every prompt in one batch: the engine runs them together.
+            outputs = self.generate(batch.requests(), sampling, use_tqdm=False)
+            batch.advance([out.outputs[0] for out in outputs])
+            bar.update(1)
+        bar.close()
+        results = []
+        for search in batch.searches:
+            best = search.best()
+            for beam in best:
+                ends_with_eos = beam.finish_reason == "stop"
+                tokens = beam.tokens[:-1] if ends_with_eos and not \
+                    params.include_stop_str_in_output else beam.tokens
+                beam.text = tokenizer.decode(tokens, skip_special_tokens=False)
+            results.append(BeamSearchOutput(best))
+        return results
+
+    def _beam_prompt(self, prompt: PromptType, params: BeamSearchParams) -> list[int]:
+        processed = self.engine.input_processor.process(prompt)
+        if processed.images:
+            raise ValueError("beam search does not take images.")
+        limit = self.engine.config.model.max_model_len
+        if len(processed.token_ids) + params.max_tokens > limit:
+            raise ValueError(f"a prompt of {len(processed.token_ids)} tokens plus max_tokens "
+                             f"{params.max_tokens} exceeds max_model_len ({limit}).")
+        return processed.token_ids
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
