@@ -88,11 +88,33 @@ class SchedulerConfig:
     async_scheduling: bool | None = field(default=None, metadata=_help(
         "Schedule and prepare step N+1 while the GPU runs step N. Default: on with CUDA, off on "
         "the CPU (where it gains nothing)."))
+    scheduling_policy: str = field(default="fcfs", metadata=_help(
+        "The scheduling policy to use: fcfs (first come, first served: requests are handled in "
+        "order of arrival) or priority (requests are handled by their given priority, a lower "
+        "value earlier, and by time of arrival among equal priorities; when the KV cache runs "
+        "out, the running request with the largest priority value is preempted first).",
+        choices=["fcfs", "priority"]))
+    max_num_queued_reqs: int | None = field(default=None, metadata=_help(
+        "Maximum number of requests in flight (waiting or running; a request with n > 1 counts "
+        "n). Beyond it new requests are refused at once with HTTP 503 and a Retry-After "
+        "header, so that a load balancer can send them elsewhere. Default: no limit."))
+    max_num_queued_tokens: int | None = field(default=None, metadata=_help(
+        "Maximum total prompt tokens of requests still in their prefill phase (no token "
+        "generated yet). Once it is reached, new requests are refused at once with HTTP 503 "
+        "and a Retry-After header: set it near target TTFT x prefill throughput. Default: no "
+        "limit."))
     max_model_len: int = field(default=0, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError("scheduling_policy must be 'fcfs' or 'priority', got "
+                             f"{self.scheduling_policy!r}")
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         tokens = self.max_num_batched_tokens
         if tokens is None:
             return

@@ -49,6 +49,8 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    # Under the priority policy a lower value is served first (ties by arrival_time).
+    priority: int = 0
     # A sample of an n > 1 request waits until its first sibling computed the prompt, so it
     # can reuse the prompt's KV blocks through the prefix cache instead of computing them again.
     wait_for: Request | None = None

@@ -5,15 +5,15 @@ There are no prefill and decode phases: every request owes
 step scheduled so far, those still on the GPU included; ``num_pending`` is a sampled token still
 on its way), and each step pays some of them within two limits, ``max_num_seqs`` requests and
 ``max_num_batched_tokens`` tokens. Running requests go first (decodes and unfinished prompt
-chunks), then waiting ones in arrival order. When the KV cache runs out, the most recently
-admitted running request is preempted by recompute: its blocks are freed and it goes back to the
-front of the waiting queue with nothing computed.
+chunks), then waiting ones in the policy's order (``request_queue``: arrival, or priority then
+arrival). When the KV cache runs out, a running request the policy chooses (fcfs: the most
+recently admitted; priority: the largest (priority, arrival_time)) is preempted by recompute: its
+blocks are freed and it goes back to the waiting queue with nothing computed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,7 @@ import msgspec
 from pagedllm.config import SchedulerConfig
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request_queue import make_request_queue
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # engine.serial gives them to msgspec (they would import torch here)
@@ -97,7 +98,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Request] = deque()
+        self.waiting = make_request_queue(config.scheduling_policy)
         self.running: list[Request] = []
         # By id: the unfinished, and finished ones with a token still in flight.
         self.requests: dict[str, Request] = {}
@@ -105,7 +106,7 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         check_prompt_fits(request.num_prompt_tokens, self.config.max_model_len)
-        self.waiting.append(request)
+        self.waiting.add(request)
         self.requests[request.request_id] = request
 
     @property
@@ -136,7 +137,12 @@ class Scheduler:
                 continue
             n = min(owed, budget)
             while not self.kv_cache.allocate(req, n):
-                victim = self.running.pop()  # lowest priority: the latest admitted
+                victim = self.waiting.victim(self.running)
+                at = self.running.index(victim)
+                del self.running[at]
+                if at < i:  # passed earlier in this step (priority): undo its share
+                    budget += self._unschedule(out, victim)
+                    i -= 1
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is req:
@@ -147,12 +153,27 @@ class Scheduler:
                 i += 1
         return budget
 
+    @staticmethod
+    def _unschedule(out: SchedulerOutput, req: Request) -> int:
+        """Takes back a running request's share of this step, if any; returns its tokens."""
+        at = next((k for k, s in enumerate(out.scheduled) if s.request_id == req.request_id),
+                  None)
+        if at is None:  # it had nothing to compute this step
+            return 0
+        s = out.scheduled.pop(at)
+        req.num_pending -= s.samples
+        if s.num_computed_tokens < req.num_prompt_tokens:
+            out.num_prompt_chunks -= 1
+        else:
+            out.num_decodes -= 1
+        return s.num_new_tokens
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.peek_next()
             if not req.ready:
-                skipped.append(self.waiting.popleft())
+                skipped.append(self.waiting.pop_next())
                 continue
             cached = self.kv_cache.find_cached_prefix(req)
             num_cached = len(cached) * self.kv_cache.block_size
@@ -163,7 +184,7 @@ class Scheduler:
                 n = budget
             if not self.kv_cache.allocate(req, n, cached):
                 break
-            self.waiting.popleft()
+            self.waiting.pop_next()
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
@@ -171,7 +192,7 @@ class Scheduler:
             self.running.append(req)
             self._add(out, req, n, new=True)
             budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        self.waiting.put_back(skipped)
 
     def _ends_in_flight(self, req: Request) -> bool:
         """Whether the token in flight for ``req`` will end it by length (async scheduling):
@@ -206,7 +227,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.prepend(req)
         logger.debug("preempted %s (recompute)", req.request_id)
 
     def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> list[Request]:

@@ -20,21 +20,27 @@ EOS = 2
 
 def make_scheduler(*, num_blocks: int = 64, block_size: int = 16, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 64, max_model_len: int = 64,
-                   chunked: bool = True, caching: bool = True, window: int = 0) -> Scheduler:
+                   chunked: bool = True, caching: bool = True, window: int = 0,
+                   policy: str = "fcfs") -> Scheduler:
     config = SchedulerConfig(max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
-                             enable_chunked_prefill=chunked, max_model_len=max_model_len)
+                             enable_chunked_prefill=chunked, max_model_len=max_model_len,
+                             scheduling_policy=policy)
     return Scheduler(config, KVCacheManager(num_blocks, block_size, caching, window))
 
 
 def make_request(request_id: str, num_prompt: int, *, first: int | None = None,
-                 wait_for: Request | None = None, **params: object) -> Request:
+                 wait_for: Request | None = None, priority: int = 0,
+                 arrival_time: float | None = None, **params: object) -> Request:
     """A request whose prompt tokens are distinct from other requests' (no accidental hits)."""
     start = 1000 * (sum(map(ord, request_id)) + 1) if first is None else first
     sampling = SamplingParams(**params)  # type: ignore[arg-type]
     sampling.all_stop_token_ids = {EOS}
-    return Request(request_id, list(range(start, start + num_prompt)), sampling,
-                   wait_for=wait_for)
+    req = Request(request_id, list(range(start, start + num_prompt)), sampling,
+                  priority=priority, wait_for=wait_for)
+    if arrival_time is not None:
+        req.arrival_time = arrival_time
+    return req
 
 
 def step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
@@ -397,6 +403,145 @@ def test_a_request_that_is_not_ready_does_not_block_others() -> None:
     assert sched.waiting[0] is preempted  # still first in line
 
 
+def test_fcfs_preempts_the_latest_admitted_whatever_its_priority() -> None:
+    # The same scene as the priority test below: fcfs ignores priorities entirely.
+    sched = make_scheduler(num_blocks=7, block_size=4, max_num_seqs=3, caching=False)
+    b = make_request("b", 7, max_tokens=6)
+    sched.add_request(b)
+    step(sched)
+    a, c = make_request("a", 7, max_tokens=6), make_request("c", 7, max_tokens=6)
+    add_all(sched, [a, c])
+    step(sched), step(sched)
+    out = step(sched)
+    assert out.preempted == ["c"] and plan(out) == [("b", 1), ("a", 1)]
+
+
+# -- priority scheduling (--scheduling-policy priority) ------------------------------------
+
+
+def admitted(outs: Iterable[SchedulerOutput]) -> list[str]:
+    return [r.request_id for o in outs for r in o.new_requests]
+
+
+def test_priority_admits_the_lowest_value_first_then_by_arrival() -> None:
+    sched = make_scheduler(max_num_seqs=1, policy="priority")
+    add_all(sched, [make_request("late-low", 4, priority=5, arrival_time=1.0, max_tokens=1),
+                    make_request("high", 4, priority=-1, arrival_time=3.0, max_tokens=1),
+                    make_request("early-low", 4, priority=5, arrival_time=0.5, max_tokens=1),
+                    make_request("mid", 4, priority=0, arrival_time=2.0, max_tokens=1)])
+    assert admitted(run_to_completion(sched)) == ["high", "mid", "early-low", "late-low"]
+    assert_pool_whole(sched)
+
+
+def test_priority_ties_go_by_arrival_time_then_by_queue_order() -> None:
+    sched = make_scheduler(max_num_seqs=1, policy="priority")
+    add_all(sched, [make_request("second", 4, arrival_time=2.0, max_tokens=1),
+                    make_request("first", 4, arrival_time=1.0, max_tokens=1),
+                    make_request("third-a", 4, arrival_time=3.0, max_tokens=1),
+                    make_request("third-b", 4, arrival_time=3.0, max_tokens=1)])
+    assert admitted(run_to_completion(sched)) == ["first", "second", "third-a", "third-b"]
+
+
+def test_fcfs_ignores_priority() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    add_all(sched, [make_request("a", 4, priority=9, max_tokens=1),
+                    make_request("b", 4, priority=-9, max_tokens=1)])
+    assert admitted(run_to_completion(sched)) == ["a", "b"]
+
+
+def test_priority_preempts_the_largest_priority_value_not_the_latest_admitted() -> None:
+    # 7 blocks of 4 tokens. b (priority 5) runs alone first; a (1) and c (0) join a step later,
+    # so the running order is b, c, a. At the 9th token each needs a third block: b takes the
+    # last one, then c cannot grow and the victim is b, although b was served earlier in the
+    # same step: its share of the step is taken back and c and a go on.
+    sched = make_scheduler(num_blocks=7, block_size=4, max_num_seqs=3, caching=False,
+                           policy="priority")
+    b = make_request("b", 7, priority=5, arrival_time=0.0, max_tokens=6)
+    sched.add_request(b)
+    step(sched)
+    a = make_request("a", 7, priority=1, arrival_time=1.0, max_tokens=6)
+    c = make_request("c", 7, priority=0, arrival_time=2.0, max_tokens=6)
+    x = make_request("x", 7, priority=3, arrival_time=3.0, max_tokens=6)
+    y = make_request("y", 7, priority=9, arrival_time=0.5, max_tokens=6)
+    add_all(sched, [a, c])
+    assert admitted([step(sched)]) == ["c", "a"]
+    assert [r.request_id for r in sched.running] == ["b", "c", "a"]
+    step(sched)  # b takes its third block
+    add_all(sched, [x, y])  # no room in max_num_seqs: they wait
+    out = step(sched)
+    assert out.preempted == ["b"]
+    assert plan(out) == [("c", 1), ("a", 1)] and out.num_decodes == 2
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
+    assert b.num_pending == 0 and b.output_token_ids == [7, 7, 7]
+    assert [r.request_id for r in sched.running] == ["c", "a"]
+    # Back in the waiting queue by its key (priority 5): after x (3), before y (9).
+    assert [r.request_id for r in sched.waiting] == ["x", "b", "y"]
+    run_to_completion(sched)
+    for req in (a, b, c, x, y):
+        assert req.status is RequestStatus.FINISHED_LENGTH
+        assert req.output_token_ids == [7] * 6
+    assert_pool_whole(sched)
+
+
+def test_priority_victim_ties_go_to_the_latest_admitted() -> None:
+    sched = make_scheduler(num_blocks=5, block_size=4, caching=False, policy="priority")
+    a = make_request("a", 8, arrival_time=1.0, max_tokens=4)
+    b = make_request("b", 8, arrival_time=1.0, max_tokens=4)
+    add_all(sched, [a, b])
+    step(sched)
+    out = step(sched)  # same key: b, admitted last, is its own victim as under fcfs
+    assert out.preempted == ["b"] and plan(out) == [("a", 1)]
+
+
+def test_priority_a_request_that_is_not_ready_keeps_its_place() -> None:
+    sched = make_scheduler(policy="priority")
+    preempted = make_request("p", 4, priority=-5)
+    preempted.num_pending = 1  # its last token is still in flight (async scheduling)
+    sched.add_request(preempted)
+    sched.add_request(make_request("x", 4, priority=5))
+    assert "x" in dict(plan(sched.schedule()))
+    assert sched.waiting.peek_next() is preempted  # still first in line
+
+
+def test_priority_samples_of_one_request_wait_for_the_first() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16, policy="priority")
+    first = make_request("s0", 30, first=0, priority=2, max_tokens=2)
+    sample = make_request("s1", 30, first=0, wait_for=first, priority=2, max_tokens=2)
+    add_all(sched, [sample, first])  # the sample is queued first: it still waits
+    assert plan(step(sched)) == [("s0", 16)]
+    run_to_completion(sched)
+    assert first.output_token_ids == sample.output_token_ids == [7, 7]
+    assert_pool_whole(sched)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_priority_async_scheduling_gives_the_same_tokens(seed: int) -> None:
+    """Random priorities, tight KV cache, aborts: with or without async scheduling each
+    request gets the same tokens and every block comes back."""
+    rng = random.Random(100 + seed)
+    # (name, prompt length, max_tokens, priority, step it arrives at)
+    specs = [(f"r{i}", rng.randint(1, 60), rng.choice([None, 1, 3, 20]), rng.randint(-2, 2),
+              rng.randint(0, 40)) for i in range(rng.randint(4, 12))]
+    aborts = {rng.randint(1, 30): f"r{rng.randrange(len(specs))}"}
+    results = []
+    for lag in (False, True):
+        sched = make_scheduler(num_blocks=20, block_size=4, max_num_seqs=4,
+                               max_num_batched_tokens=16, max_model_len=80, policy="priority")
+        later: dict[int, list[Request]] = {}
+        for i, (name, n, m, prio, at) in enumerate(specs):
+            later.setdefault(at, []).append(make_request(
+                name, n, max_tokens=m, first=7 * i, priority=prio, arrival_time=float(at)))
+        requests = [r for g in later.values() for r in g]
+        _run([], sched, lag, aborts, later)
+        assert_pool_whole(sched)
+        assert all(r.num_pending == 0 for r in requests)
+        results.append([(r.output_token_ids, r.status) for r in requests])
+    for (tokens, status), (tokens_async, status_async) in zip(*results):
+        if RequestStatus.FINISHED_ABORTED in (status, status_async):
+            continue
+        assert (tokens_async, status_async) == (tokens, status)
+
+
 def test_sample_of_an_aborted_request_runs_alone() -> None:
     sched = make_scheduler()
     first = make_request("s0", 10, first=0)
@@ -574,15 +719,19 @@ def _model_token(req: Request) -> int:
     return EOS if (sum(tokens) * 31 + len(tokens)) % 23 == 0 else 5 + len(tokens) % 7
 
 
-def _run(requests: list[Request], sched: Scheduler, lag: bool, aborts: dict[int, str]) -> int:
+def _run(requests: list[Request], sched: Scheduler, lag: bool, aborts: dict[int, str],
+         later: dict[int, list[Request]] | None = None) -> int:
     """Runs to completion; with ``lag`` each step's tokens are applied after the next step is
-    scheduled, as the engine does with async scheduling. Returns the number of steps."""
+    scheduled, as the engine does with async scheduling. ``later``: requests added before step
+    k. Returns the number of steps."""
     add_all(sched, requests)
-    by_id = {r.request_id: r for r in requests}
+    later = dict(later or {})
+    by_id = {r.request_id: r for r in [*requests, *(r for g in later.values() for r in g)]}
     in_flight: SchedulerOutput | None = None
     steps = 0
-    while sched.num_unfinished or in_flight is not None:
-        if steps in aborts:
+    while sched.num_unfinished or in_flight is not None or later:
+        add_all(sched, later.pop(steps, []))
+        if steps in aborts and aborts[steps] in sched.requests:  # arrived and not finished
             sched.finish(by_id[aborts[steps]], RequestStatus.FINISHED_ABORTED)
         out = sched.schedule()
         if lag:
