@@ -8,7 +8,9 @@ attention, so the whole model is one graph and a step one compiled call (cutting
 attention instead gave ~120 compiled regions a step, whose own call overhead ate the gain:
 measured). Attention keeps the paged backend's per-step planning (chunks, decode groups, block
 tables), so chunked prefill and mixed batches run compiled too: a one-token step gets a graph of
-its own (dynamo specializes size 1), every other size shares a dynamic one.
+its own (dynamo specializes size 1), every other size shares a dynamic one, split in two where
+the quantized products change kernel (``gemm_rows``: the integer kernel below, a bfloat16 GEMM
+from there on). The warm-up compiles all three, so no step recompiles while serving.
 
 Compiling the 30-layer graph takes ~2 minutes on two busy cores the first time (inductor's
 on-disk cache shortens later starts), so it is opt-in (``--compile-cpu``) and done at start-up,
@@ -81,25 +83,36 @@ def is_compiled(model: nn.Module) -> bool:
 
 def _dummy_step(num_tokens: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor,
                                                            AttentionMetadata]:
-    """One request's first ``num_tokens`` (<= block_size) tokens in block 0."""
+    """One request's first ``num_tokens`` tokens in blocks 0, 1, ..."""
     def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32)
 
     metadata = AttentionMetadata(
         num_tokens=num_tokens, slot_mapping=torch.arange(num_tokens),
         query_start_loc=i32([0, num_tokens]), seq_lens=i32([num_tokens]),
-        block_tables=i32([[0]]), max_query_len=num_tokens, max_seq_len=num_tokens,
+        block_tables=i32([list(range(-(-num_tokens // block_size)))]),
+        max_query_len=num_tokens, max_seq_len=num_tokens,
         query_lens_cpu=[num_tokens], seq_lens_cpu=[num_tokens])
     return torch.zeros(num_tokens, dtype=torch.long), torch.arange(num_tokens), metadata
 
 
+def _warm_up_sizes(model: nn.Module) -> list[int]:
+    """Step sizes that reach every graph: one token, two, and the first size at which a
+    quantized product takes its bfloat16 GEMM (``gemm_rows``)."""
+    gemm_rows = {getattr(m.method, "gemm_rows", 2) for m in model.modules()
+                 if hasattr(m, "method")}
+    return sorted({1, 2, *gemm_rows})
+
+
 def _warm_up(runner, compiled) -> None:  # noqa: ANN001 (a ModelRunner)
-    """Runs ``compiled`` on a one-token step and a two-token step (the dynamic graphs)."""
-    cache_shape = (2, 1, runner.block_size, runner.arch.num_kv_heads, runner.arch.head_dim)
+    """Runs ``compiled`` on a step of each of ``_warm_up_sizes`` (the graphs)."""
+    sizes = _warm_up_sizes(runner.model)
+    blocks = -(-sizes[-1] // runner.block_size)
+    cache_shape = (2, blocks, runner.block_size, runner.arch.num_kv_heads, runner.arch.head_dim)
     caches = [torch.zeros(cache_shape, dtype=runner.kv_caches[0].dtype)
               for _ in runner.kv_caches]
     with torch.inference_mode():
-        for num_tokens in (1, 2):
+        for num_tokens in sizes:
             input_ids, positions, metadata = _dummy_step(num_tokens, runner.block_size)
             runner.backend.prepare(metadata, runner.block_size)
             with forward_context(ForwardContext(metadata, caches, runner.backend)):

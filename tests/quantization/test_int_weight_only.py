@@ -1,7 +1,7 @@
-"""--quantization int4 / int8 on the CPU: the kernels equal "dequantize, then multiply in float32"
-on random inputs; GGUF Q4_1 blocks requantize to their own 4-bit values; layers and the LM head
-are taken over by the methods; the default model's quantized greedy output stays with the float32
-reference (the dequantized GGUF)."""
+"""--quantization int4 / int8 on the CPU: the kernels, and the bfloat16 GEMM that many-row products
+take, equal "dequantize, then multiply in float32" on random inputs; GGUF Q4_1 blocks requantize
+to their own 4-bit values; layers and the LM head are taken over by the methods; the default
+model's quantized greedy output stays with the float32 reference (the dequantized GGUF)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.quantization import quantize_model
 from pagedllm.layers.quantization.int_weight_only import (
     INT4_GROUP,
+    Int4LinearMethod,
+    Int8LinearMethod,
+    bf16_linear,
     dequantize_int4,
+    dequantize_int8,
     int4_linear,
     int4_linear_ref,
     int8_linear,
@@ -50,6 +54,48 @@ def test_int8_kernel_matches_dequantized_product(rows: int) -> None:
     bias = torch.randn(40, generator=_gen(2))
     torch.testing.assert_close(int8_linear(x, q, scale, bias), int8_linear_ref(x, q, scale, bias),
                                rtol=8e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [10, 70])
+def test_bf16_gemm_matches_dequantized_product(method: str, rows: int) -> None:
+    """The many-row path multiplies by the dequantized weight rounded to bfloat16: against the
+    float32 product of the same input, it is off by at most that rounding (2^-9 of each weight)
+    plus both outputs' rounding to bfloat16 (2^-9 each)."""
+    w = torch.randn(96, 128, generator=_gen(0)) * 0.05
+    if method == "int4":
+        q, scales = quantize_int4(w)
+        dequantized, ref = dequantize_int4(q, scales), int4_linear_ref
+    else:
+        q, scales = quantize_int8(w)
+        dequantized, ref = dequantize_int8(q, scales), int8_linear_ref
+    x = torch.randn(rows, 128, generator=_gen(1))
+    bias = torch.randn(96, generator=_gen(2))
+    out = bf16_linear(x, dequantized.to(torch.bfloat16), bias)
+    expected = ref(x, q, scales, bias)
+    x16 = x.to(torch.bfloat16).float()
+    bound = 2.0**-9 * (x16.abs() @ dequantized.abs().t()) + 2.0**-8 * (expected - bias).abs()
+    assert ((out - expected).abs() <= bound + 1e-6).all()
+
+
+def _integer_kernel(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(layer, "weight_int4"):
+        return int4_linear(x, layer.weight_int4, layer.scale_and_zero, None)
+    return int8_linear(x, layer.weight_int8, layer.weight_scale, None)
+
+
+@pytest.mark.parametrize("method_class", [Int4LinearMethod, Int8LinearMethod])
+def test_few_rows_take_the_integer_kernel_and_many_the_bf16_gemm(method_class: type) -> None:
+    layer = ColumnParallelLinear(128, [96])
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.05, generator=_gen(0))
+    method = method_class()
+    method.process_weights_after_loading(layer)
+    for rows in (1, method.gemm_rows - 1, method.gemm_rows, 3 * method.gemm_rows):
+        x = torch.randn(rows, 128, generator=_gen(rows))
+        expected = _integer_kernel(layer, x) if rows < method.gemm_rows \
+            else bf16_linear(x, layer.weight_bf16, None)
+        assert torch.equal(method.apply(layer, x, None), expected), rows
 
 
 def test_q4_1_blocks_requantize_to_their_own_values() -> None:

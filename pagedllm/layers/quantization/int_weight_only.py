@@ -17,6 +17,16 @@ Both kernels are fast only with bfloat16 activations and bfloat16 scales (their 
 are scalar: 10-20x slower, measured), so the product runs in bfloat16 with float32 accumulation:
 the input is rounded to bfloat16, the output too, and both are float32 again around it. The
 reference (``*_ref``) is "dequantize, then multiply in float32" on the same stored values.
+
+The integer kernels pay off while a product reads more weight bytes than it computes (a few
+rows: decode). From ``gemm_rows`` rows on (a prefill chunk, a large decode batch) they cost
+about float32's FLOPs or more (the int8 one grows linearly with the rows), while a bfloat16 GEMM
+(oneDNN's AVX-512 BF16) runs ~2x float32's; so each layer also keeps its dequantized weight in
+bfloat16 and many-row products use that (``bf16_linear``): 2 more bytes a weight, ~212 MB for
+SmolLM2-135M's decoder and ~57 MB for its LM head (the int4 weights are ~66 MB, float32 would be
+~540 MB). The copy is the stored values rounded to bfloat16 (8 significant bits, as the
+activations are): the two paths differ by that rounding, up to 2^-9 of each weight, so a
+token's logits depend (in their last bits) on how many rows its step had, as on a GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.layers.quantization import METHODS, LinearMethod
@@ -108,6 +119,18 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return _finish(out.to(_KERNEL_DTYPE), x, bias)
 
 
+def bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] times a bfloat16 weight [N, K] (a quantized weight dequantized): the
+    many-row product, with the integer kernels' bfloat16 input and output; its reference is
+    theirs, ``int4_linear_ref`` / ``int8_linear_ref``."""
+    return _finish(F.linear(_rows(x), weight_bf16), x, bias)
+
+
+def _num_rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
 def _replace_weight(layer: nn.Module, **tensors: torch.Tensor) -> None:
     """Drops the layer's float ``weight`` (a tied embedding keeps its own reference) and stores
     the quantized tensors as frozen parameters (counted in the model's weight bytes)."""
@@ -117,10 +140,14 @@ def _replace_weight(layer: nn.Module, **tensors: torch.Tensor) -> None:
 
 
 class Int8LinearMethod(LinearMethod):
-    """``weight_int8`` [N, K] int8 and ``weight_scale`` [N] bfloat16 after loading."""
+    """``weight_int8`` [N, K] int8, ``weight_scale`` [N] bfloat16 and ``weight_bf16`` [N, K]
+    after loading."""
 
     name = "int8"
     lm_head = "int8"
+    # From this many rows on, the bfloat16 GEMM beats the int8 kernel (measured, one thread:
+    # a tie at 4 rows, 1.4x at 8 for 1536x576 and the 49152x576 LM head)
+    gemm_rows = 6
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         n, k = layer.weight.shape
@@ -131,19 +158,25 @@ class Int8LinearMethod(LinearMethod):
                              f"rank's shard) of a multiple of 16 inputs; a layer has {k} inputs "
                              f"on {layer.weight.device} (on a GPU, use fp8)")
         q, scale = quantize_int8(layer.weight.data)
-        _replace_weight(layer, weight_int8=q, weight_scale=scale)
+        _replace_weight(layer, weight_int8=q, weight_scale=scale,
+                        weight_bf16=dequantize_int8(q, scale).to(_KERNEL_DTYPE))
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
+        if _num_rows(x) >= self.gemm_rows:
+            return bf16_linear(x, layer.weight_bf16, bias)
         return int8_linear(x, layer.weight_int8, layer.weight_scale, bias)
 
 
 class Int4LinearMethod(LinearMethod):
-    """``weight_int4`` (the kernel's packing) and ``scale_and_zero`` [K / 32, N, 2] bfloat16
-    after loading."""
+    """``weight_int4`` (the kernel's packing), ``scale_and_zero`` [K / 32, N, 2] bfloat16 and
+    ``weight_bf16`` [N, K] after loading."""
 
     name = "int4"
     lm_head = "int8"  # GGUF files keep it in 8 bits (Q8_0); in 4 bits it is 9 % off (measured)
+    # From this many rows on, the bfloat16 GEMM beats the int4 kernel (measured, one thread,
+    # 1536x576 and 576x1536: a tie at 8 rows, 1.5x at 12, 2.5x at 256)
+    gemm_rows = 10
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         n, k = layer.weight.shape
@@ -154,10 +187,13 @@ class Int4LinearMethod(LinearMethod):
                              f"{layer.weight.device}")
         q, scale_and_zero = quantize_int4(layer.weight.data)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
-        _replace_weight(layer, weight_int4=packed, scale_and_zero=scale_and_zero)
+        _replace_weight(layer, weight_int4=packed, scale_and_zero=scale_and_zero,
+                        weight_bf16=dequantize_int4(q, scale_and_zero).to(_KERNEL_DTYPE))
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
+        if _num_rows(x) >= self.gemm_rows:
+            return bf16_linear(x, layer.weight_bf16, bias)
         return int4_linear(x, layer.weight_int4, layer.scale_and_zero, bias)
 
 
