@@ -9,7 +9,9 @@ inbox of commands, so it is never blocked by engine or text work. The thread sle
 on the core's socket, its inbox and the core process itself: an idle server burns no CPU, and
 if the core dies every open stream ends at once with ``EngineDeadError``.
 
-A request that fails inside the core ends alone with ``EngineStepError``.
+A request that fails inside the core ends alone with ``EngineStepError``. With
+``max_num_queued_reqs`` / ``max_num_queued_tokens`` set, a request beyond either is refused at the
+door (``QueueOverflowError`` / ``MaxQueuedTokensError``, a 503) before it reaches the core.
 """
 
 from __future__ import annotations
@@ -48,11 +50,35 @@ from pagedllm.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 Prompt = PromptType | ProcessedPrompt
-__all__ = ["AsyncLLM", "EngineDeadError", "EngineStepError", "OutputStream"]
+__all__ = ["AsyncLLM", "EngineBusyError", "EngineDeadError", "EngineStepError",
+           "MaxQueuedTokensError", "OutputStream", "QueueOverflowError"]
 
 
 class EngineStepError(RuntimeError):
     """The engine failed this request (the others go on, and the server keeps serving)."""
+
+
+class EngineBusyError(RuntimeError):
+    """Admission control refused the request: retry later or elsewhere (HTTP 503)."""
+
+    retry_after = 1  # seconds: a step or a few frees room; a load balancer moves on at once
+
+
+class QueueOverflowError(EngineBusyError):
+    """``max_num_queued_reqs`` would be exceeded (vLLM's name and message)."""
+
+    def __init__(self) -> None:
+        super().__init__("The engine is currently busy and cannot accept new requests. "
+                         "Please try again later or on a different instance.")
+
+
+class MaxQueuedTokensError(EngineBusyError):
+    """The prompt tokens still in prefill reached ``max_num_queued_tokens`` (vLLM's name and
+    message)."""
+
+    def __init__(self) -> None:
+        super().__init__("The engine has reached its prefill token backlog limit. "
+                         "Please try again later or on a different instance.")
 
 
 class OutputStream:
@@ -98,6 +124,7 @@ class _Add:
     requests: list[tuple[str, Prompt, SamplingParams]]
     stream: OutputStream
     arrival_time: float
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,13 +223,15 @@ class AsyncLLM:
 
     # --- the event loop's side ---
 
-    async def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams]]
-                           ) -> OutputStream:
-        """Adds the requests at once (all or none): raises ``ValueError`` for a bad one, before
-        any output. The returned stream must be closed by the caller."""
+    async def add_requests(self, requests: Sequence[tuple[str, Prompt, SamplingParams]],
+                           priority: int = 0) -> OutputStream:
+        """Adds the requests at once (all or none): raises ``ValueError`` for a bad one, and
+        ``EngineBusyError`` beyond the queue limits, before any output. ``priority`` (lower
+        first) needs ``scheduling_policy="priority"``. The returned stream must be closed by the
+        caller."""
         loop = asyncio.get_running_loop()
         stream = OutputStream(self, [r[0] for r in requests], loop)
-        self._send(_Add(list(requests), stream, time.monotonic()))
+        self._send(_Add(list(requests), stream, time.monotonic(), priority))
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -210,10 +239,10 @@ class AsyncLLM:
             raise
         return stream
 
-    async def generate(self, prompt: Prompt, params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str, *,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """One request's outputs; abandoning the iteration (cancel, ``aclose``) aborts it."""
-        stream = await self.add_requests([(request_id, prompt, params)])
+        stream = await self.add_requests([(request_id, prompt, params)], priority)
         try:
             async for out in stream:
                 yield out
@@ -333,11 +362,12 @@ class AsyncLLM:
         added: list[str] = []
         core_requests: list[EngineCoreRequest] = []
         try:
+            self._check_admission(command.requests)
             for request_id, prompt, params in command.requests:
                 if request_id in self._routes:
                     raise ValueError(f"Request id {request_id!r} is already in use.")
                 core_requests += self.frontend.add(request_id, prompt, params,
-                                                   command.arrival_time)
+                                                   command.arrival_time, command.priority)
                 added.append(request_id)
                 self._routes[request_id] = command.stream
                 self._collector.add_request(request_id, params)
@@ -351,6 +381,27 @@ class AsyncLLM:
         for core_request in core_requests:  # all accepted: only now does anything reach the core
             self.client.add_request(core_request)
         _resolve(command.stream.accepted, None)
+
+    def _check_admission(self, requests: list[tuple[str, Prompt, SamplingParams]]) -> None:
+        """vLLM's admission control, on the thread that owns the counts (so a burst is counted
+        exactly). A group is refused whole: its samples count against max_num_queued_reqs
+        together; the token check is vLLM's, "already at the limit", not "would pass it"."""
+        sched = self.config.scheduler
+        counts = self.frontend.output_processor
+        if sched.max_num_queued_reqs is not None:
+            n = sum(params.n for _, _, params in requests)
+            if counts.num_unfinished_samples + n > sched.max_num_queued_reqs:
+                logger.info("Request queue full - rejecting request %s (current=%d, n=%d, "
+                            "max=%d).", requests[0][0] if requests else None,
+                            counts.num_unfinished_samples, n, sched.max_num_queued_reqs)
+                raise QueueOverflowError()
+        if sched.max_num_queued_tokens is not None:
+            if counts.num_prefill_tokens >= sched.max_num_queued_tokens:
+                logger.info("Max queued tokens reached - rejecting request %s "
+                            "(current_tokens=%d, max=%d).",
+                            requests[0][0] if requests else None, counts.num_prefill_tokens,
+                            sched.max_num_queued_tokens)
+                raise MaxQueuedTokensError()
 
     def _abort(self, command: _Abort) -> None:
         ids = list(self._routes) if command.request_ids is None else \

@@ -106,8 +106,8 @@ class EngineCore:
                 raise ValueError(f"request id {rid!r} is already in use")
             sibling = self.scheduler.requests.get(request.wait_for) if request.wait_for else None
             req = Request(rid, request.prompt_token_ids, request.sampling_params,
-                          request.arrival_time, wait_for=sibling, images=request.images,
-                          mrope=request.mrope)
+                          request.arrival_time, request.priority, wait_for=sibling,
+                          images=request.images, mrope=request.mrope)
             if not (needs_mask(request.sampling_params)
                     and self.structured.add(rid, request.sampling_params, req)):
                 self.scheduler.add_request(req)

@@ -44,14 +44,15 @@ class Frontend:
         return int(self.config.model.max_model_len)
 
     def add(self, request_id: str, prompt: PromptType | ProcessedPrompt, params: SamplingParams,
-            arrival_time: float) -> list[EngineCoreRequest]:
+            arrival_time: float, priority: int = 0) -> list[EngineCoreRequest]:
         """Validates and registers a request; returns what to send to the core."""
+        check_priority(priority, self.config.scheduler.scheduling_policy)
         processed = self.input_processor.process(prompt)
         self._validate(processed.token_ids, params)
         params = copy.copy(params)
         params.all_stop_token_ids = set(self._eos_ids)
         params.update_from_tokenizer(self.tokenizer)
-        samples = fan_out(request_id, processed, params, arrival_time)
+        samples = fan_out(request_id, processed, params, arrival_time, priority)
         if self.output_processor.is_in_use(request_id, samples):
             raise ValueError(f"Request id {request_id!r} is already in use.")
         self.output_processor.add(request_id, processed.text, params, samples, arrival_time)
@@ -75,6 +76,12 @@ class Frontend:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.states)
+
+
+def check_priority(priority: int, policy: str) -> None:
+    """vLLM's rule and message: a priority other than 0 needs the priority policy."""
+    if priority != 0 and policy != "priority":
+        raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
 
 
 def start_with_core(engine_kwargs: dict[str, Any],

@@ -51,13 +51,15 @@ class LLMEngine:
         return self.client.core
 
     def add_request(self, request_id: str, prompt: PromptType | ProcessedPrompt,
-                    params: SamplingParams, arrival_time: float | None = None) -> None:
+                    params: SamplingParams, arrival_time: float | None = None,
+                    priority: int = 0) -> None:
         """Validates and queues a request; raises ValueError with a clear message if bad.
 
         ``prompt``: text, token ids, a dict with ``multi_modal_data`` (see ``engine.inputs``),
-        or a prompt the caller already ran through ``self.input_processor``."""
+        or a prompt the caller already ran through ``self.input_processor``. ``priority``
+        (lower first) needs ``scheduling_policy="priority"``."""
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        for request in self.frontend.add(request_id, prompt, params, arrival):
+        for request in self.frontend.add(request_id, prompt, params, arrival, priority):
             self.client.add_request(request)
 
     def abort_request(self, request_ids: Iterable[str]) -> None:

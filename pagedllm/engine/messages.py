@@ -44,6 +44,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     wait_for: str | None = None
     images: tuple[ImageFeature, ...] = ()
     mrope: MRopePositions | None = None
+    priority: int = 0  # under --scheduling-policy priority: lower first (ties by arrival)
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -41,6 +41,7 @@ class SampleState:
     sent_logprobs: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prefilling: bool = True  # no token yet: its prompt counts in num_prefill_tokens
 
 
 @dataclass(slots=True)
@@ -82,6 +83,11 @@ class OutputProcessor:
         self._samples: dict[str, SampleState] = {}  # scheduler request id -> its sample
         # Texts of single tokens, per (skip_special_tokens, spaces_between_special_tokens).
         self._token_texts: dict[tuple[bool, bool], dict[int, str]] = {}
+        # What admission control counts (vLLM's): samples not finished, and the prompt tokens
+        # of those without a token yet (the whole prompt: chunks and prefix hits done in the
+        # core are not seen here, so the count errs on the side of refusing).
+        self.num_unfinished_samples = 0
+        self.num_prefill_tokens = 0
 
     def is_in_use(self, request_id: str, samples: list[EngineCoreRequest]) -> bool:
         return request_id in self.states or any(s.request_id in self._samples for s in samples)
@@ -107,6 +113,8 @@ class OutputProcessor:
                 [] if with_logprobs else None, 0.0 if with_logprobs else None, deferred))
             self._samples[sample.request_id] = state.samples[-1]
         self.states[request_id] = state
+        self.num_unfinished_samples += len(samples)
+        self.num_prefill_tokens += len(prompt_ids) * len(samples)
 
     def abort(self, request_id: str) -> list[str]:
         """Forgets a user request; returns its scheduler requests (for the core to abort)."""
@@ -151,6 +159,7 @@ class OutputProcessor:
             self._add_prompt_logprobs(state, out.new_prompt_logprobs)
         if out.new_token_ids:
             sample.token_ids += out.new_token_ids
+            self._end_prefill(sample)
             m = state.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
@@ -189,6 +198,8 @@ class OutputProcessor:
         if sample.finish_reason is None:
             sample.finish_reason, sample.stop_reason = reason, stop_reason
             sample.parent.num_finished += 1
+            self.num_unfinished_samples -= 1
+            self._end_prefill(sample)
         if sample.num_fed < len(sample.token_ids):
             stop = self._detokenize(sample)  # a stop string in the last text still cuts it
             if stop is not None and reason != "error":
@@ -243,7 +254,15 @@ class OutputProcessor:
                 out[tid] = Logprob(lp, r, self.tokenizer.decode([tid], skip_special_tokens=False))
         return out
 
+    def _end_prefill(self, sample: SampleState) -> None:
+        if sample.prefilling:
+            sample.prefilling = False
+            self.num_prefill_tokens -= len(sample.parent.prompt_token_ids)
+
     def _forget(self, state: RequestState) -> None:
         self.states.pop(state.request_id, None)
         for sample in state.samples:
             self._samples.pop(sample.core_id, None)
+            if sample.finish_reason is None:  # aborted
+                self.num_unfinished_samples -= 1
+                self._end_prefill(sample)

@@ -16,12 +16,12 @@ from pagedllm.sampling_params import MAX_SEED, SamplingParams
 
 
 def fan_out(request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-            arrival_time: float) -> list[EngineCoreRequest]:
+            arrival_time: float, priority: int = 0) -> list[EngineCoreRequest]:
     """The scheduler requests of one user request, sample 0 first; ``request_id`` itself when
     ``n == 1``, else ``<request_id>-<i>``."""
     if params.n == 1:
         return [EngineCoreRequest(request_id, prompt.token_ids, params, arrival_time,
-                                  images=prompt.images, mrope=prompt.mrope)]
+                                  images=prompt.images, mrope=prompt.mrope, priority=priority)]
     samples: list[EngineCoreRequest] = []
     for i in range(params.n):
         sample_params = copy.copy(params)
@@ -31,5 +31,5 @@ def fan_out(request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
         first = samples[0].request_id if samples else None
         samples.append(EngineCoreRequest(f"{request_id}-{i}", prompt.token_ids, sample_params,
                                          arrival_time, wait_for=first, images=prompt.images,
-                                         mrope=prompt.mrope))
+                                         mrope=prompt.mrope, priority=priority))
     return samples
