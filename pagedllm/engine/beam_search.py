@@ -93,6 +93,7 @@ class BeamSearch:
                  eos_token_id: int | None) -> None:
         self.params = params
         self.eos_token_id = eos_token_id
+        self.prompt_token_ids = list(prompt_token_ids)
         self.beams = [BeamSearchSequence(list(prompt_token_ids))]
         self.completed: list[BeamSearchSequence] = []
         self.rounds = 0

@@ -40,10 +40,12 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None
+                 ) -> list[RequestOutput]:
         """Completes each prompt; outputs come back in input order. A prompt is text, token ids
         or a dict ``{"prompt": text}`` / ``{"prompt_token_ids": ids}`` with optional
-        ``"multi_modal_data": {"image": image or [images]}`` (PIL images)."""
+        ``"multi_modal_data": {"image": image or [images]}`` (PIL images). ``priority``: one per
+        prompt, lower first (needs ``scheduling_policy="priority"``)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
@@ -51,12 +53,16 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"The lengths of prompts ({len(prompts)}) and priority "
+                             f"({len(priority)}) must be the same.")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
                 p = _final_only(p)
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, prompt, p)
+                self.engine.add_request(request_id, prompt, p,
+                                        priority=priority[i] if priority else 0)
                 ids.append(request_id)
             return self._run(ids, use_tqdm)
         except BaseException:

@@ -90,7 +90,7 @@ def test_a_long_tokenize_does_not_stall_the_server(server: Server) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_beam_search", True), ("priority", 1), ("return_tokens_as_token_ids", True),
+    ("priority", 1), ("return_tokens_as_token_ids", True),
     ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 5000),
 ])
 def test_unimplemented_fields_are_refused_by_name(server: Server, field: str,

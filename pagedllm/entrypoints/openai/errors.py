@@ -2,7 +2,8 @@
 
 Every failure leaves the server through here, with OpenAI's status codes: 400 for anything the
 client sent wrong (bad JSON included; FastAPI's 422 is not OpenAI's), 401, 404, and 500 for our
-own failures. None of them stops the server.
+own failures. None of them stops the server. Admission control's refusals (``--max-num-queued-*``)
+are 503s in vLLM's shape (type "Service Unavailable", code 503) with a ``Retry-After`` header.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagedllm.engine.async_llm import EngineDeadError
+from pagedllm.engine.async_llm import EngineBusyError, EngineDeadError
 from pagedllm.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -27,15 +28,21 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
 
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | int | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code
+        self.type = type  # None: OpenAI's type for the status
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.message, self.status, self.param, self.code)
+        body = error_body(self.message, self.status, self.param, self.code)
+        if self.type is not None:
+            body.error.type = self.type
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 class ModelNotFound(APIError):
@@ -44,7 +51,7 @@ class ModelNotFound(APIError):
 
 
 def error_body(message: str, status: int = 400, param: str | None = None,
-               code: str | None = None) -> ErrorResponse:
+               code: str | int | None = None) -> ErrorResponse:
     return ErrorResponse(error=ErrorInfo(
         message=message, type=_TYPES.get(status, "invalid_request_error" if status < 500
                                           else "server_error"),
@@ -66,6 +73,10 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(str(e), 400)
     if isinstance(e, EngineDeadError):
         return APIError(str(e), 503, code="engine_dead")
+    if isinstance(e, EngineBusyError):  # vLLM's body for QueueOverflowError and its sibling
+        return APIError(str(e), 503, code=HTTPStatus.SERVICE_UNAVAILABLE.value,
+                        type=HTTPStatus.SERVICE_UNAVAILABLE.phrase,
+                        headers={"Retry-After": str(e.retry_after)})
     logger.error("Request failed: %s: %s", type(e).__name__, e)
     return APIError(f"Internal server error: {type(e).__name__}: {e}", 500, code="internal_error")
 

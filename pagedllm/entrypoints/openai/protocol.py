@@ -106,7 +106,7 @@ class DropNoneModel(BaseModel):
 
 # vLLM request fields pagedllm does not implement: refused by name when set, never ignored.
 # (Other unknown fields are ignored, as OpenAI adds fields faster than servers follow.)
-UNSUPPORTED_VLLM_FIELDS = ("logits_processors", "length_penalty", "structural_tag",
+UNSUPPORTED_VLLM_FIELDS = ("logits_processors", "structural_tag",
                            "guided_whitespace_pattern", "kv_transfer_params", "vllm_xargs",
                            "cache_salt", "documents", "mm_processor_kwargs", "chat_template",
                            "functions", "function_call", "thinking_token_budget")
@@ -139,7 +139,8 @@ class SamplingRequest(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extras
-    use_beam_search: bool = False  # refused: pagedllm only samples
+    use_beam_search: bool = False  # vLLM's beam search, n beams (serving_beam.py)
+    length_penalty: float = 1.0  # beam search's score: cum_logprob / length ** length_penalty
     priority: int = 0  # refused unless 0: the scheduler is first come, first served
     truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (-1: max_model_len)
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the response
@@ -151,8 +152,7 @@ class SamplingRequest(OpenAIModel):
         """vLLM's fields in this request that pagedllm does not implement."""
         extra = self.model_extra or {}
         return [name for name in UNSUPPORTED_VLLM_FIELDS
-                if extra.get(name) not in (None, [], {}, "")
-                and not (name == "length_penalty" and extra[name] == 1.0)]
+                if extra.get(name) not in (None, [], {}, "")]
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:

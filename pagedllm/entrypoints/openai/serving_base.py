@@ -71,9 +71,6 @@ class OpenAIServing:
 
     def check_vllm_fields(self, request: SamplingRequest) -> None:
         """vLLM's request fields that pagedllm does not implement are refused, never ignored."""
-        if request.use_beam_search:
-            raise APIError("use_beam_search is not supported: pagedllm only samples.",
-                           param="use_beam_search")
         if request.priority != 0:
             raise APIError("priority is not supported: requests are scheduled first come, "
                            "first served (vLLM refuses it too without a priority scheduler).",

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedllm.engine.async_llm import AsyncLLM, OutputStream
+from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.chat_utils import message_text, render_chat
 from pagedllm.entrypoints.openai.chat_output import ChoiceOutput
@@ -33,6 +34,7 @@ from pagedllm.entrypoints.openai.protocol_chat import (
 )
 from pagedllm.entrypoints.openai.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
+from pagedllm.entrypoints.openai.serving_beam import BeamStream, beam_params, check_beam_request
 from pagedllm.entrypoints.openai.streaming import respond
 from pagedllm.entrypoints.openai.tool_calls import ToolChoice
 from pagedllm.entrypoints.openai.tool_parsers import ToolParser, get_tool_parser
@@ -70,12 +72,22 @@ class OpenAIServingChat(OpenAIServing):
         model = self.model_name(request.model)
         self._check(request)
         tools = ToolChoice.of(request, self.options.enable_auto_tool_choice)
+        check_beam_request(request, self.max_logprobs(),
+                           tools.constrained or request.structured_params() is not None)
         prompt = self._truncate(request, await self.render(request))
-        params = self._params(request, prompt.token_ids, tools)
         request_id = random_id("chatcmpl")
-        stream = await self.add(request_id, [prompt], [params])
+        stream: OutputStream | BeamStream
+        if request.use_beam_search:
+            # vLLM streams beam search here (unlike completions): each choice's whole text
+            # comes in one chunk once the search ends.
+            stream = BeamStream(self.engine, request_id, [prompt.token_ids],
+                                [self._beam_params(request, prompt)], request,
+                                self._logprobs(request))
+        else:
+            params = self._params(request, prompt.token_ids, tools)
+            stream = await self.add(request_id, [prompt], [params])
         job = _ChatJob(self, request, request_id, model, prompt.token_ids, tools)
-        return await respond(raw, job, stream, bool(request.stream))
+        return await respond(raw, job, stream, bool(request.stream))  # type: ignore[arg-type]
 
     def choice_output(self, request: ChatCompletionRequest, tools: ToolChoice) -> ChoiceOutput:
         """A fresh reader of one choice's text (parsers keep per-choice state)."""
@@ -133,7 +145,7 @@ class OpenAIServingChat(OpenAIServing):
         self.check_prompt(token_ids, "messages")
         max_tokens = self.resolve_max_tokens(len(token_ids), request.max_output_tokens,
                                              "messages")
-        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        logprobs = self._logprobs(request)
         structured = request.structured_params()
         if tools.constrained:
             if structured is not None:
@@ -148,6 +160,23 @@ class OpenAIServingChat(OpenAIServing):
                                f"{e}", param="tools") from None
         return request.to_sampling_params(max_tokens, logprobs, request.prompt_logprobs,
                                           structured, self.default_sampling)
+
+
+    def _beam_params(self, request: ChatCompletionRequest,
+                     prompt: ProcessedPrompt) -> BeamSearchParams:
+        if prompt.images:  # each round re-sends the prompt: no image placeholders in it
+            raise APIError("Images cannot be used with use_beam_search.", param="messages")
+        self.check_prompt(prompt.token_ids, "messages")
+        max_tokens = self.resolve_max_tokens(len(prompt.token_ids), request.max_output_tokens,
+                                             "messages")
+        if max_tokens is None or max_tokens < 1:
+            raise APIError(f"max_tokens must be at least 1, got {max_tokens}.",
+                           param="max_tokens")
+        return beam_params(request, max_tokens, self.default_sampling)
+
+    @staticmethod
+    def _logprobs(request: ChatCompletionRequest) -> int | None:
+        return (request.top_logprobs or 0) if request.logprobs else None
 
 
 class _ChatJob:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedllm.engine.async_llm import OutputStream
+from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -24,6 +25,7 @@ from pagedllm.entrypoints.openai.protocol_completion import (
     CompletionStreamResponse,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
+from pagedllm.entrypoints.openai.serving_beam import BeamStream, beam_params, check_beam_request
 from pagedllm.entrypoints.openai.streaming import respond
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -43,15 +45,24 @@ class OpenAIServingCompletion(OpenAIServing):
                      for p in prompts])
         keep = request.truncate_prompt_tokens
         token_lists = [self.truncate(ids, keep) for ids in token_lists]
-        params = [self._params(request, ids) for ids in token_lists]
         request_id = random_id("cmpl")
-        stream = await self.add(request_id, token_lists, params)
+        stream: OutputStream | BeamStream
+        if request.use_beam_search:
+            stream = BeamStream(self.engine, request_id, token_lists,
+                                [self._beam_params(request, ids) for ids in token_lists],
+                                request, request.logprobs)
+        else:
+            params = [self._params(request, ids) for ids in token_lists]
+            stream = await self.add(request_id, token_lists, params)
         # echo gives a truncated prompt's text from its tokens
         texts = [p if isinstance(p, str) and keep is None else None for p in prompts]
         job = _Job(self, request, request_id, model, texts)
-        return await respond(raw, job, stream, bool(request.stream))
+        return await respond(raw, job, stream, bool(request.stream))  # type: ignore[arg-type]
 
     def _check(self, request: CompletionRequest) -> None:
+        if request.use_beam_search and request.stream:  # vLLM's refusal, checked first as there
+            raise APIError("Streaming is not currently supported with beam search.",
+                           param="stream")
         self.check_stream_options(request)
         self.check_vllm_fields(request)
         self.check_n(request.n)
@@ -61,6 +72,18 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError("best_of is not supported (it may only equal n).", param="best_of")
         self.check_logprobs(request.logprobs, "logprobs")
         self.check_prompt_logprobs(request.prompt_logprobs, request.stream)
+        check_beam_request(request, self.max_logprobs(), request.structured_params() is not None)
+        if request.use_beam_search and request.echo and request.logprobs is not None:
+            raise APIError("echo with logprobs cannot be used with use_beam_search: beam search "
+                           "computes no logprobs for the prompt.", param="echo")
+
+    def _beam_params(self, request: CompletionRequest, token_ids: list[int]) -> BeamSearchParams:
+        self.check_prompt(token_ids, "prompt")
+        max_tokens = self.resolve_max_tokens(len(token_ids), request.max_tokens, "prompt")
+        if max_tokens is None or max_tokens < 1:
+            raise APIError(f"max_tokens must be at least 1, got {max_tokens}.",
+                           param="max_tokens")
+        return beam_params(request, max_tokens, self.default_sampling)
 
     def _params(self, request: CompletionRequest, token_ids: list[int]) -> SamplingParams:
         self.check_prompt(token_ids, "prompt")
