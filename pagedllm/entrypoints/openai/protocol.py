@@ -141,7 +141,7 @@ class SamplingRequest(OpenAIModel):
     # vLLM's extras
     use_beam_search: bool = False  # vLLM's beam search, n beams (serving_beam.py)
     length_penalty: float = 1.0  # beam search's score: cum_logprob / length ** length_penalty
-    priority: int = 0  # refused unless 0: the scheduler is first come, first served
+    priority: int = 0  # lower first; other than 0 only with --scheduling-policy priority
     truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (-1: max_model_len)
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the response
     return_tokens_as_token_ids: bool = False  # refused: logprobs give token strings

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from pagedllm.engine.async_llm import AsyncLLM, OutputStream
+from pagedllm.engine.frontend import check_priority
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.openai.errors import APIError, ModelNotFound
 from pagedllm.entrypoints.openai.logprobs import LogprobFormatter, PromptLogprobs
@@ -15,6 +17,11 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# The request's priority from check_vllm_fields to add(): each HTTP request runs in its own
+# asyncio task, so a context variable is that request's alone. (The endpoints could pass it to
+# add() themselves; until they do, this carries it.)
+_priority: ContextVar[int] = ContextVar("pagedllm_request_priority", default=0)
 
 
 class OpenAIServing:
@@ -71,10 +78,11 @@ class OpenAIServing:
 
     def check_vllm_fields(self, request: SamplingRequest) -> None:
         """vLLM's request fields that pagedllm does not implement are refused, never ignored."""
-        if request.priority != 0:
-            raise APIError("priority is not supported: requests are scheduled first come, "
-                           "first served (vLLM refuses it too without a priority scheduler).",
-                           param="priority")
+        try:
+            check_priority(request.priority, self.engine.config.scheduler.scheduling_policy)
+        except ValueError as e:
+            raise APIError(str(e), param="priority") from None
+        _priority.set(request.priority)
         if request.return_tokens_as_token_ids:
             raise APIError("return_tokens_as_token_ids is not supported.",
                            param="return_tokens_as_token_ids")
@@ -112,11 +120,14 @@ class OpenAIServing:
                            param="prompt_logprobs")
 
     async def add(self, request_id: str, prompts: Sequence[list[int] | ProcessedPrompt],
-                  params: Sequence[SamplingParams]) -> OutputStream:
-        """Adds one engine request per prompt (``{request_id}-{i}``); all or none."""
+                  params: Sequence[SamplingParams], priority: int | None = None
+                  ) -> OutputStream:
+        """Adds one engine request per prompt (``{request_id}-{i}``); all or none.
+        ``priority``: default, the one check_vllm_fields saw in this request."""
         return await self.engine.add_requests(
             [(f"{request_id}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params,
-                                                                          strict=True))])
+                                                                          strict=True))],
+            _priority.get() if priority is None else priority)
 
     def prompt_logprobs(self, out: RequestOutput, requested: int | None) -> PromptLogprobs | None:
         """The prompt's logprobs as vLLM returns them, when the request asked for them."""
