@@ -111,7 +111,8 @@ class BeamStream:
             prompts = self.batch.requests()
             ids = [f"{self.request_id}-beam{rounds}-{j}" for j in range(len(prompts))]
             self._round = await self.engine.add_requests(
-                [(rid, tokens, self.sampling) for rid, tokens in zip(ids, prompts)])
+                [(rid, tokens, self.sampling) for rid, tokens in zip(ids, prompts)],
+                priority=self.request.priority)  # vLLM drops it; every round keeps it
             finals: dict[str, CompletionOutput] = {}
             try:
                 async for out in self._round:
