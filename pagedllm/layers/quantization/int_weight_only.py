@@ -50,11 +50,12 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rounded to bfloat16 first, and q chosen for the rounded values)."""
     n, k = weight.shape
     groups = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    low, high = groups.aminmax(dim=-1, keepdim=True)
     scale = ((high - low) / 15).to(_KERNEL_DTYPE)
     zero = (low + 8 * scale.float()).to(_KERNEL_DTYPE)
     scale_f = scale.float().masked_fill(scale == 0, 1.0)  # a constant group: q = 8, w = zero
-    q = torch.round((groups - zero.float()) / scale_f + 8).clamp_(0, 15).to(torch.int32)
+    # in place: this runs over every weight at start-up (~0.5 s for SmolLM2's 106 M)
+    q = (groups - zero.float()).div_(scale_f).add_(8).round_().clamp_(0, 15).to(torch.int32)
     scale_and_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return q.reshape(n, k), scale_and_zero
 
