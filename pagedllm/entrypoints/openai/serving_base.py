@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextvars import ContextVar
 from typing import Any
 
 from pagedllm.engine.async_llm import AsyncLLM, OutputStream
@@ -17,12 +16,6 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# The request's priority from check_vllm_fields to add(): each HTTP request runs in its own
-# asyncio task, so a context variable is that request's alone. (The endpoints could pass it to
-# add() themselves; until they do, this carries it.)
-_priority: ContextVar[int] = ContextVar("pagedllm_request_priority", default=0)
-
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]) -> None:
@@ -82,7 +75,6 @@ class OpenAIServing:
             check_priority(request.priority, self.engine.config.scheduler.scheduling_policy)
         except ValueError as e:
             raise APIError(str(e), param="priority") from None
-        _priority.set(request.priority)
         if request.return_tokens_as_token_ids:
             raise APIError("return_tokens_as_token_ids is not supported.",
                            param="return_tokens_as_token_ids")
@@ -120,14 +112,12 @@ class OpenAIServing:
                            param="prompt_logprobs")
 
     async def add(self, request_id: str, prompts: Sequence[list[int] | ProcessedPrompt],
-                  params: Sequence[SamplingParams], priority: int | None = None
-                  ) -> OutputStream:
-        """Adds one engine request per prompt (``{request_id}-{i}``); all or none.
-        ``priority``: default, the one check_vllm_fields saw in this request."""
+                  params: Sequence[SamplingParams], priority: int) -> OutputStream:
+        """Adds one engine request per prompt (``{request_id}-{i}``); all or none."""
         return await self.engine.add_requests(
             [(f"{request_id}-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params,
                                                                           strict=True))],
-            _priority.get() if priority is None else priority)
+            priority)
 
     def prompt_logprobs(self, out: RequestOutput, requested: int | None) -> PromptLogprobs | None:
         """The prompt's logprobs as vLLM returns them, when the request asked for them."""

@@ -85,7 +85,7 @@ class OpenAIServingChat(OpenAIServing):
                                 self._logprobs(request))
         else:
             params = self._params(request, prompt.token_ids, tools)
-            stream = await self.add(request_id, [prompt], [params])
+            stream = await self.add(request_id, [prompt], [params], request.priority)
         job = _ChatJob(self, request, request_id, model, prompt.token_ids, tools)
         return await respond(raw, job, stream, bool(request.stream))  # type: ignore[arg-type]
 

@@ -53,7 +53,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                 request, request.logprobs)
         else:
             params = [self._params(request, ids) for ids in token_lists]
-            stream = await self.add(request_id, token_lists, params)
+            stream = await self.add(request_id, token_lists, params, request.priority)
         # echo gives a truncated prompt's text from its tokens
         texts = [p if isinstance(p, str) and keep is None else None for p in prompts]
         job = _Job(self, request, request_id, model, texts)
