@@ -6,13 +6,21 @@ Requests validate types here (a wrong type is a 400); value ranges are checked o
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+# A request's integers reach the engine core through msgpack (64 bits at most) and int64 tensors:
+# a larger one is a 400 naming its field here. Unchecked, 10**400 in stop_token_ids failed the
+# encode on the front-end thread and stopped the server. (seed is checked by SamplingParams: it
+# may be up to 2**64 - 1.)
+EngineInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's documented range; vLLM clamps to it
 
 
 def random_id(prefix: str) -> str:
@@ -89,7 +97,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[EngineInt]
 
 
 class DetokenizeResponse(BaseModel):
@@ -118,20 +126,20 @@ class SamplingRequest(OpenAIModel):
     model_config = ConfigDict(extra="allow")  # extras are ignored, vLLM's unsupported refused
 
     model: str | None = None
-    n: int = 1
+    n: EngineInt = 1
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: EngineInt | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[EngineInt] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: EngineInt = 0
     logit_bias: dict[str, float] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -141,12 +149,20 @@ class SamplingRequest(OpenAIModel):
     # vLLM's extras
     use_beam_search: bool = False  # vLLM's beam search, n beams (serving_beam.py)
     length_penalty: float = 1.0  # beam search's score: cum_logprob / length ** length_penalty
-    priority: int = 0  # lower first; other than 0 only with --scheduling-policy priority
-    truncate_prompt_tokens: int | None = None  # keep the last N prompt tokens (-1: max_model_len)
+    priority: EngineInt = 0  # lower first; other than 0 only with --scheduling-policy priority
+    truncate_prompt_tokens: EngineInt | None = None  # keep the last N tokens (-1: max_model_len)
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the response
     return_tokens_as_token_ids: bool = False  # refused: logprobs give token strings
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[EngineInt] | None = None
     bad_words: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (where := lone_surrogate_at(data)) is not None:
+            raise ValueError(f"{where or 'the request'} is not valid Unicode: it holds a lone "
+                             "surrogate.")
+        return data
 
     def unsupported_fields(self) -> list[str]:
         """vLLM's fields in this request that pagedllm does not implement."""
@@ -192,10 +208,36 @@ class SamplingRequest(OpenAIModel):
             bad_words=self.bad_words, **optional)
 
 
+def lone_surrogate_at(body: Any) -> str | None:
+    """Where in a parsed JSON body a string that UTF-8 cannot encode is (JSON's \\ud800
+    escapes make lone surrogates), or None. Such a string, in a stop string or a grammar, failed
+    the engine core's msgpack encode and stopped the server's front-end loop. Iterative: a body
+    nested as deep as the JSON parser allows must not overflow the stack here."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(value, dict):
+            stack += [(f"{where}.{k}" if where else str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    return None
+
+
 def _int_keys(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """Token ids as ints, biases clamped to [-100, 100] as vLLM does; NaN is refused."""
     if not logit_bias:
         return None
     try:
-        return {int(k): v for k, v in logit_bias.items()}
+        keys = [int(k) for k in logit_bias]
     except ValueError:
         raise ValueError("logit_bias keys must be token ids (integers as strings).") from None
+    if any(math.isnan(v) for v in logit_bias.values()):
+        raise ValueError("logit_bias values must be numbers, got NaN.")
+    # An unchecked bias of 1e308 failed its engine step (a float32 overflow): a 500.
+    return {k: min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, v))
+            for k, v in zip(keys, logit_bias.values())}

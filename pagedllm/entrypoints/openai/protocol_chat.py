@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pagedllm.entrypoints.openai.logprobs import ChatLogprobs, PromptLogprobs
 from pagedllm.entrypoints.openai.protocol import (
     DropNoneModel,
+    EngineInt,
     OpenAIModel,
     SamplingRequest,
     UsageInfo,
@@ -48,11 +49,11 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest, StructuredFields):
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    max_tokens: EngineInt | None = None
+    max_completion_tokens: EngineInt | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    top_logprobs: EngineInt | None = None
+    prompt_logprobs: EngineInt | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's: the model continues the last message
     echo: bool = False  # vLLM's: the last message's content starts the answer (same role)

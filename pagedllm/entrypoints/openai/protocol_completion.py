@@ -7,19 +7,25 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs, PromptLogprobs
-from pagedllm.entrypoints.openai.protocol import SamplingRequest, UsageInfo, now, random_id
+from pagedllm.entrypoints.openai.protocol import (
+    EngineInt,
+    SamplingRequest,
+    UsageInfo,
+    now,
+    random_id,
+)
 from pagedllm.entrypoints.openai.protocol_structured import StructuredFields
 
 
 class CompletionRequest(SamplingRequest, StructuredFields):
     # A string, a list of strings, token ids, or a list of token-id lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[EngineInt] | list[list[EngineInt]]
+    max_tokens: EngineInt | None = 16
+    logprobs: EngineInt | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
-    prompt_logprobs: int | None = None
+    best_of: EngineInt | None = None
+    prompt_logprobs: EngineInt | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt; raises ``ValueError`` for an empty list."""
