@@ -372,15 +372,28 @@ class AsyncLLM:
                 self._routes[request_id] = command.stream
                 self._collector.add_request(request_id, params)
         except Exception as e:
-            for request_id in added:
-                del self._routes[request_id]
-                self.frontend.abort(request_id)
-            self._collector.forget(added)
-            _resolve(command.stream.accepted, error=e)
+            self._undo_add(added, command, e)
             return
-        for core_request in core_requests:  # all accepted: only now does anything reach the core
-            self.client.add_request(core_request)
+        sent: list[str] = []
+        try:  # all accepted: only now does anything reach the core
+            for core_request in core_requests:
+                self.client.add_request(core_request)
+                sent.append(core_request.request_id)
+        except Exception as e:  # noqa: BLE001 - a value the core's messages cannot carry
+            if sent:
+                self.client.abort_requests(sent)
+            self._undo_add(added, command, ValueError(
+                f"The request could not be sent to the engine: {type(e).__name__}: {e}"))
+            return
         _resolve(command.stream.accepted, None)
+
+    def _undo_add(self, added: list[str], command: _Add, error: Exception) -> None:
+        """A group refused whole: its requests are forgotten, its stream gets the error."""
+        for request_id in added:
+            del self._routes[request_id]
+            self.frontend.abort(request_id)
+        self._collector.forget(added)
+        _resolve(command.stream.accepted, error=error)
 
     def _check_admission(self, requests: list[tuple[str, Prompt, SamplingParams]]) -> None:
         """vLLM's admission control, on the thread that owns the counts (so a burst is counted

@@ -225,3 +225,18 @@ def test_periodic_log_line_then_quiet_idle(llm: AsyncLLM, caplog: pytest.LogCapt
     time.sleep(1.0)
     for stat, ticks in zip(stats, before):
         assert cpu_ticks(stat) - ticks <= 2, stat  # asleep in a poll, not spinning
+
+
+def test_a_request_the_core_cannot_receive_fails_alone(llm: AsyncLLM) -> None:
+    """A value the engine core's messages cannot carry (an id past 64 bits) fails that request
+    with a ValueError; the engine and the next request are unharmed."""
+    bad = SamplingParams(max_tokens=4, stop_token_ids=[2**70])
+
+    async def run() -> list[RequestOutput]:
+        with pytest.raises(ValueError, match="could not be sent to the engine"):
+            await collect(llm, "Hello", bad, "unsendable")
+        return await collect(llm, "Hello", params(4, FINAL), "after-unsendable")
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
+    asyncio.run(assert_pool_whole(llm))
