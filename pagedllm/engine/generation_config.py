@@ -2,7 +2,9 @@
 
 With ``--generation-config auto`` (the default) the server's requests take the sampling fields
 they leave unset from the model folder's ``generation_config.json``; ``vllm`` ignores the file;
-any other value is a folder holding one. Only the fields SamplingParams knows are read.
+any other value is a folder holding one. Only the fields SamplingParams knows are read, and
+``max_new_tokens``, which becomes ``max_tokens``: a cap on every request's output (vLLM takes the
+smallest of it, the request's ``max_tokens`` and the room left in the context).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # generation_config.json field -> SamplingParams field
 _FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-           "repetition_penalty": "repetition_penalty"}
+           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
 def default_sampling_params(source: ModelSource, setting: str) -> dict[str, Any]:

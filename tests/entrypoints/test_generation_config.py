@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_auto_reads_the_model_folder(model_dir: str) -> None:
-    want = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    want = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_tokens": 10}
     assert default_sampling_params(resolve_model(model_dir), "auto") == want
     assert build_frontend({"model": model_dir}).default_sampling == want
 
@@ -55,3 +55,20 @@ def test_request_fields_win_over_the_defaults() -> None:
     explicit = CompletionRequest(model="m", prompt="hi", temperature=0.0).to_sampling_params(
         8, None, defaults=defaults)
     assert (explicit.temperature, explicit.top_p) == (0.0, 0.95)
+
+
+def test_max_new_tokens_caps_every_request() -> None:
+    """vLLM's rule: a request's output is the smallest of its max_tokens, the room left in the
+    context and the model's max_new_tokens."""
+    from types import SimpleNamespace
+
+    from pagedllm.entrypoints.openai.serving_base import OpenAIServing
+
+    engine = SimpleNamespace(tokenizer=None, max_model_len=100,
+                             default_sampling={"max_tokens": 10, "temperature": 0.6})
+    serving = OpenAIServing(engine, ["m"])  # type: ignore[arg-type]
+    assert serving.default_sampling == {"temperature": 0.6}
+    assert serving.resolve_max_tokens(20, None, "prompt") == 10
+    assert serving.resolve_max_tokens(20, 50, "prompt") == 10
+    assert serving.resolve_max_tokens(20, 4, "prompt") == 4
+    assert serving.resolve_max_tokens(95, None, "prompt") == 5

@@ -23,7 +23,10 @@ class OpenAIServing:
         self.served_model_names = list(served_model_names)
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
-        self.default_sampling = engine.default_sampling
+        defaults = dict(engine.default_sampling)
+        # generation_config.json's max_new_tokens caps every request's output (as in vLLM)
+        self.default_max_tokens: int | None = defaults.pop("max_tokens", None)
+        self.default_sampling = defaults  # the fields a request leaves unset take these
         self.logprobs = LogprobFormatter(self.tokenizer)
 
     def model_name(self, requested: str | None) -> str:
@@ -47,7 +50,8 @@ class OpenAIServing:
                            param=param)
 
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None, param: str) -> int | None:
-        """``max_tokens``, defaulted to the room left in the context; 400 if it does not fit.
+        """``max_tokens``, defaulted to the room left in the context and capped by the model's
+        ``max_new_tokens`` (generation_config.json), as vLLM does; 400 if it does not fit.
 
         A non-positive value is passed through for ``SamplingParams`` to refuse by name.
         """
@@ -60,14 +64,14 @@ class OpenAIServing:
                 code="context_length_exceeded")
         room = limit - prompt_len
         if max_tokens is None:
-            return room
+            return min(room, self.default_max_tokens or room)
         if max_tokens > room:
             raise APIError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max_tokens} tokens ({prompt_len} in the input, {max_tokens} in "
                 "the completion). Please reduce the length of the input or the completion.",
                 param="max_tokens", code="context_length_exceeded")
-        return max_tokens
+        return min(max_tokens, self.default_max_tokens or max_tokens)
 
     def check_vllm_fields(self, request: SamplingRequest) -> None:
         """vLLM's request fields that pagedllm does not implement are refused, never ignored."""
