@@ -379,3 +379,7 @@ def log_kv_cache_plan(plan: KVCachePlan, logger: logging.Logger, device: str = "
                     f"{plan.tokens_held(plan.max_model_len):,}")
     logger.info("Maximum concurrency for %s tokens per request: %.2fx",
                 f"{plan.max_model_len:,}", plan.max_concurrency)
+    if not prefix:  # the host's pages are mapped on first write (allocate_kv_cache)
+        logger.info("The KV cache's memory becomes resident as its blocks are first used: "
+                    "the engine process grows by up to %.2f GiB under load and keeps it (the "
+                    "blocks hold the prefix cache)", plan.kv_cache_bytes / GiB)

@@ -96,10 +96,11 @@ def launch_server(*args: str) -> Iterator[Server]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *args, "--port", str(port),
+    # The caller's flags come last: they override the shared ones.
+    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
            "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
            "--kv-cache-memory-bytes", str(512 * 2**20), "--api-key", API_KEY,
-           "--disable-uvicorn-access-log"]
+           "--disable-uvicorn-access-log", *args]
     start = time.monotonic()
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

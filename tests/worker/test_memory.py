@@ -164,7 +164,10 @@ def test_log_kv_cache_plan(caplog: pytest.LogCaptureFixture) -> None:
         "Available KV cache memory: 2.00 GiB", "GPU KV cache size: 16,384 tokens",
         "Maximum concurrency for 4,096 tokens per request: 4.00x",
         "Available KV cache memory: 2.00 GiB", "KV cache size: 16,384 tokens",
-        "Maximum concurrency for 4,096 tokens per request: 4.00x"]
+        "Maximum concurrency for 4,096 tokens per request: 4.00x",
+        "The KV cache's memory becomes resident as its blocks are first used: the engine "
+        "process grows by up to 2.00 GiB under load and keeps it (the blocks hold the prefix "
+        "cache)"]
 
 
 def test_default_cpu_kv_cache_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
