@@ -121,12 +121,23 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return _finish(out.to(_KERNEL_DTYPE), x, bias)
 
 
+# oneDNN compiles and keeps code for every row count its bfloat16 GEMM sees (~0.2-0.6 MB each,
+# never given back: the server's engine grew ~12 MB a burst of 24 requests, measured), so rows
+# are padded to a multiple of this: at most max_num_batched_tokens / 32 shapes a weight.
+_GEMM_ROW_BUCKET = 32
+
+
 def bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] times a bfloat16 weight [N, K] (a quantized weight dequantized): the
     many-row product, with the integer kernels' bfloat16 input and output; its reference is
     theirs, ``int4_linear_ref`` / ``int8_linear_ref``."""
-    return _finish(F.linear(_rows(x), weight_bf16), x, bias)
+    rows = _rows(x)
+    num_rows = rows.shape[0]
+    padding = -num_rows % _GEMM_ROW_BUCKET
+    if padding:
+        rows = F.pad(rows, (0, 0, 0, padding))
+    return _finish(F.linear(rows, weight_bf16)[:num_rows], x, bias)
 
 
 def _num_rows(x: torch.Tensor) -> int:
