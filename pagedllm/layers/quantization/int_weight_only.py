@@ -123,8 +123,16 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 # oneDNN compiles and keeps code for every row count its bfloat16 GEMM sees (~0.2-0.6 MB each,
 # never given back: the server's engine grew ~12 MB a burst of 24 requests, measured), so rows
-# are padded to a multiple of this: at most max_num_batched_tokens / 32 shapes a weight.
+# are padded to a multiple of this: at most max_num_batched_tokens / 32 shapes a weight. Up to
+# _GEMM_SMALL_BUCKET rows pad only to that (one more shape): near gemm_rows, padding 10 rows
+# to 32 would cost more than the integer kernel saves.
 _GEMM_ROW_BUCKET = 32
+_GEMM_SMALL_BUCKET = 16
+
+
+def _gemm_padding(num_rows: int) -> int:
+    bucket = _GEMM_SMALL_BUCKET if num_rows <= _GEMM_SMALL_BUCKET else _GEMM_ROW_BUCKET
+    return -num_rows % bucket
 
 
 def bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor,
@@ -134,7 +142,7 @@ def bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor,
     theirs, ``int4_linear_ref`` / ``int8_linear_ref``."""
     rows = _rows(x)
     num_rows = rows.shape[0]
-    padding = -num_rows % _GEMM_ROW_BUCKET
+    padding = _gemm_padding(num_rows)
     if padding:
         rows = F.pad(rows, (0, 0, 0, padding))
     return _finish(F.linear(rows, weight_bf16)[:num_rows], x, bias)
@@ -158,9 +166,9 @@ class Int8LinearMethod(LinearMethod):
 
     name = "int8"
     lm_head = "int8"
-    # From this many rows on, the bfloat16 GEMM beats the int8 kernel (measured, one thread:
-    # a tie at 4 rows, 1.4x at 8 for 1536x576 and the 49152x576 LM head)
-    gemm_rows = 6
+    # From this many rows on, the bfloat16 GEMM (rows padded to 16) beats the int8 kernel
+    # (measured, one thread, the 49152x576 LM head: 12.3 ms in int8 at 8 rows, 10.7 in bf16 at 16)
+    gemm_rows = 8
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         n, k = layer.weight.shape
