@@ -229,9 +229,9 @@ class EngineCore:
         logprobs = dict(zip(result.req_ids, result.logprobs)) if result.logprobs else {}
         for req in progressed:
             rid = req.request_id
-            if not self.structured.accept(rid, req.output_token_ids[-1]):
-                logger.warning("Request %s: token %d does not match its grammar", rid,
-                               req.output_token_ids[-1])
+            if not self.structured.accept(rid, req.output_token_ids[-1]) and \
+                    not req.is_finished:  # its structured output is as complete as it gets
+                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
             out = outputs.get(rid) or EngineCoreOutput(rid)
             outputs[rid] = out
             out.new_token_ids = [req.output_token_ids[-1]]

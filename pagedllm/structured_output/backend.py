@@ -107,6 +107,11 @@ class Grammar:
         """Advances by one sampled token; False if the grammar does not allow it."""
         return bool(self._matcher.accept_token(token_id))
 
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar has accepted its stop token: nothing may follow."""
+        return bool(self._matcher.is_terminated())
+
 
 class BatchFiller:
     """Fills many matchers' rows of one bitmask at once, on xgrammar's own threads."""

@@ -122,12 +122,14 @@ class StructuredOutputManager(Generic[T]):
     # -- steps ----------------------------------------------------------------------------
 
     def accept(self, request_id: str, token_id: int) -> bool:
-        """Advances the request's grammar by its new token; False if the grammar refused it
-        (then the request should end: its output no longer matches)."""
+        """Advances the request's grammar by its new token. False when the request must end
+        there: its grammar refused the token (no allowed token was left: min_tokens against a
+        grammar that only allows its end), or has ended (its stop token accepted while
+        ignore_eos or min_tokens kept the request going)."""
         mask = self._masks.get(request_id)
         if mask is None or mask.grammar is None:
             return True
-        return mask.grammar.accept(token_id)
+        return mask.grammar.accept(token_id) and not mask.grammar.is_terminated
 
     def step_bitmask(self, rows: list[tuple[str, list[int]]]) -> StepBitmask | None:
         """The bitmask of a step's sampling rows: ``rows`` is (request id, its output tokens)

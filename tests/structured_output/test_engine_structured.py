@@ -121,3 +121,19 @@ def test_in_an_engine_process():
     llm = LLM(max_model_len=256, kv_cache_memory_bytes=64 * 2**20, engine_process=True)
     prompts, params = _requests()
     _check(llm.generate(prompts[2:5], params[2:5], use_tqdm=False), params[2:5])
+
+
+@pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_tokens": 3}])
+def test_the_end_of_its_grammar_ends_a_request(extra: dict) -> None:
+    """ignore_eos or min_tokens would keep a request going past its grammar's end (found by the
+    schema fuzzer: a guided choice with either stopped the step with an error). The grammar wins:
+    the request ends there as "stop", whatever its sampling asked."""
+    llm = LLM(max_model_len=256, kv_cache_memory_bytes=64 * 2**20)
+    params = SamplingParams(temperature=0.0, max_tokens=8, n=2, seed=1,
+                            structured_outputs=Structured(choice=["yes", "no"]), **extra)
+    out = llm.generate(CHAT.format("Is the sky blue?"), params, use_tqdm=False)[0]
+    for sample in out.outputs:
+        assert sample.finish_reason == "stop"
+        assert sample.text.strip() in ("yes", "no") or "min_tokens" in extra, sample.text
+    kv = llm.engine.core.kv_cache
+    assert kv.num_free_blocks == kv.pool.num_blocks
