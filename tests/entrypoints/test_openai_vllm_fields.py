@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -90,8 +91,7 @@ def test_a_long_tokenize_does_not_stall_the_server(server: Server) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("priority", 1), ("return_tokens_as_token_ids", True),
-    ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 5000),
+    ("priority", 1), ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", 5000),
 ])
 def test_unimplemented_fields_are_refused_by_name(server: Server, field: str,
                                                   value: Any) -> None:
@@ -100,6 +100,27 @@ def test_unimplemented_fields_are_refused_by_name(server: Server, field: str,
         r = _post(server, path, {**body, "max_tokens": 2, field: value})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+
+
+def test_return_tokens_as_token_ids(server: Server) -> None:
+    """vLLM's field: the logprobs' tokens (chosen and top, echoed prompt too) read
+    ``token_id:<id>``, the same ids ``return_token_ids`` gives."""
+    args = {"max_tokens": 4, "temperature": 0, "return_token_ids": True,
+            "return_tokens_as_token_ids": True}
+    done = _ok(server, "/v1/completions", {"prompt": PROMPT, "logprobs": 2, "echo": True,
+                                           **args})
+    choice = done["choices"][0]
+    ids = done["choices"][0]["prompt_token_ids"] + choice["token_ids"]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{i}" for i in ids]
+    assert all(re.fullmatch(r"token_id:\d+", t) for top in choice["logprobs"]["top_logprobs"]
+               if top for t in top)
+    chat = _ok(server, "/v1/chat/completions", {"messages": MESSAGES, "logprobs": True,
+                                                "top_logprobs": 2, **args})["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert [c["token"] for c in content] == [f"token_id:{i}" for i in chat["token_ids"]]
+    assert content[0]["bytes"] == list(content[0]["token"].encode())
+    assert all(re.fullmatch(r"token_id:\d+", t["token"]) for c in content
+               for t in c["top_logprobs"])
 
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(server: Server) -> None:

@@ -56,7 +56,12 @@ class LogprobFormatter:
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
 
-    def token_text(self, token_id: int, logprob: Logprob | None = None) -> str:
+    def token_text(self, token_id: int, logprob: Logprob | None = None,
+                   as_id: bool = False) -> str:
+        """The token's text, or ``token_id:<id>`` (vLLM's ``return_tokens_as_token_ids``:
+        tokens that are not valid UTF-8 alone stay identifiable)."""
+        if as_id:
+            return f"token_id:{token_id}"
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         return self._tokenizer.decode([token_id], skip_special_tokens=False)
@@ -67,8 +72,8 @@ class LogprobFormatter:
 
     def completion(self, token_ids: Sequence[int],
                    positions: Sequence[dict[int, Logprob] | None], k: int,
-                   initial_offset: int = 0, out: CompletionLogprobs | None = None
-                   ) -> CompletionLogprobs:
+                   initial_offset: int = 0, out: CompletionLogprobs | None = None,
+                   as_ids: bool = False) -> CompletionLogprobs:
         """Appends the tokens to ``out`` (streaming keeps one per choice for ``text_offset``).
 
         A position of ``None`` (the first prompt token when echoing) has no logprob.
@@ -78,7 +83,7 @@ class LogprobFormatter:
             out.text_offset[-1] + len(out.tokens[-1])
         for token_id, position in zip(token_ids, positions, strict=False):
             chosen = position.get(token_id) if position else None
-            text = self.token_text(token_id, chosen)
+            text = self.token_text(token_id, chosen, as_ids)
             out.tokens.append(text)
             out.text_offset.append(offset)
             offset += len(text)
@@ -86,7 +91,8 @@ class LogprobFormatter:
             if position is None:
                 out.top_logprobs.append(None)
                 continue
-            top = {self.token_text(t, lp): _clamp(lp.logprob) for t, lp in self._top(position, k)}
+            top = {self.token_text(t, lp, as_ids): _clamp(lp.logprob)
+                   for t, lp in self._top(position, k)}
             if chosen is not None:
                 top.setdefault(text, _clamp(chosen.logprob))
             out.top_logprobs.append(top)
@@ -99,15 +105,15 @@ class LogprobFormatter:
             for token_id, lp in position.items()} for position in positions]
 
     def chat(self, token_ids: Sequence[int], positions: Sequence[dict[int, Logprob]],
-             k: int) -> ChatLogprobs:
+             k: int, as_ids: bool = False) -> ChatLogprobs:
         content = []
         for token_id, position in zip(token_ids, positions, strict=False):
             chosen = position.get(token_id)
-            text = self.token_text(token_id, chosen)
+            text = self.token_text(token_id, chosen, as_ids)
             content.append(ChatTokenLogprob(
                 token=text, logprob=_clamp(chosen.logprob) if chosen else -9999.0,
                 bytes=list(text.encode("utf-8")),
-                top_logprobs=[ChatTopLogprob(token=(t := self.token_text(i, lp)),
+                top_logprobs=[ChatTopLogprob(token=(t := self.token_text(i, lp, as_ids)),
                                              logprob=_clamp(lp.logprob),
                                              bytes=list(t.encode("utf-8")))
                               for i, lp in self._top(position, k)]))

@@ -152,7 +152,7 @@ class SamplingRequest(OpenAIModel):
     priority: EngineInt = 0  # lower first; other than 0 only with --scheduling-policy priority
     truncate_prompt_tokens: EngineInt | None = None  # keep the last N tokens (-1: max_model_len)
     return_token_ids: bool = False  # prompt_token_ids and token_ids in the response
-    return_tokens_as_token_ids: bool = False  # refused: logprobs give token strings
+    return_tokens_as_token_ids: bool = False  # logprobs' tokens as "token_id:<id>"
     allowed_token_ids: list[EngineInt] | None = None
     bad_words: list[str] | None = None
 

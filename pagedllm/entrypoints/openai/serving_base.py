@@ -79,9 +79,6 @@ class OpenAIServing:
             check_priority(request.priority, self.engine.config.scheduler.scheduling_policy)
         except ValueError as e:
             raise APIError(str(e), param="priority") from None
-        if request.return_tokens_as_token_ids:
-            raise APIError("return_tokens_as_token_ids is not supported.",
-                           param="return_tokens_as_token_ids")
         unsupported = request.unsupported_fields()
         if unsupported:
             raise APIError(f"{unsupported[0]} is not supported by pagedllm.",

@@ -199,7 +199,8 @@ class _ChatJob:
         if not self.request.logprobs:
             return None
         return self.s.logprobs.chat(sample.token_ids, sample.logprobs or [],
-                                    self.request.top_logprobs or 0)
+                                    self.request.top_logprobs or 0,
+                                    self.request.return_tokens_as_token_ids)
 
     async def response(self, stream: OutputStream) -> ChatCompletionResponse:
         final: RequestOutput | None = None

@@ -116,13 +116,14 @@ class _Job:
         k = self.request.logprobs
         if k is None:
             return None
-        fmt = self.s.logprobs
+        fmt, as_ids = self.s.logprobs, self.request.return_tokens_as_token_ids
         lp = None
         if echo:
             positions = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-            lp = fmt.completion(out.prompt_token_ids, positions, k, initial_offset=offset)
+            lp = fmt.completion(out.prompt_token_ids, positions, k, initial_offset=offset,
+                                as_ids=as_ids)
         return fmt.completion(sample.token_ids, sample.logprobs or [], k, initial_offset=offset,
-                              out=lp)
+                              out=lp, as_ids=as_ids)
 
     def _token_ids(self, out: RequestOutput, sample: CompletionOutput,
                    with_prompt: bool) -> dict[str, list[int] | None]:
