@@ -13,7 +13,7 @@ from pagedllm.layers.quantization.fp8 import FP8_MAX, quantize_rows_ref  # noqa:
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 64), (5, 1000), (3, 2500)])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (5, 1000), (3, 2500), (2, 17000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_reference_bytes(rows: int, cols: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(rows * cols)
