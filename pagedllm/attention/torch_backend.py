@@ -3,7 +3,10 @@
 ``paged_attention_ref`` is the slow, obviously-correct twin (one request at a time).
 ``TorchAttentionBackend`` computes the same thing faster on the CPU: the step's decodes
 (one query token each) go through one batched SDPA over padded, gathered K/V; prompt chunks go
-one request at a time with an explicit causal mask offset by the cached prefix.
+one request at a time with an explicit causal mask offset by the cached prefix. A step that is
+one request decoding one token (batch-1 decode, the chat case) takes a path of its own: its K/V
+are read in place when its blocks are consecutive, and three products attend with no mask and
+no padding (SDPA's call and the batched path's indexing cost more than the arithmetic there).
 
 A sliding window is one more condition in the mask (masks are built once per step and window,
 and shared by the layers with that window); a chunk gathers only the blocks its window reaches.
@@ -126,6 +129,20 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     return out
 
 
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                softcap: float) -> torch.Tensor:
+    """One query token over the keys it sees, no mask: q [H, D]; k, v [L, Hkv, D] -> [H, D] in
+    q's dtype, computed in float32. Scores are soft-capped as in ``_attend`` (scale, divide by
+    the cap, tanh, multiply by it)."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    q32 = q.float().reshape(kv_heads, -1, head_dim)  # [Hkv, G, D]: heads sharing a KV head
+    scores = torch.bmm(q32, k.float().permute(1, 2, 0)).mul_(scale)  # [Hkv, G, L]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    out = torch.bmm(scores.softmax(dim=-1), v.float().transpose(0, 1))  # [Hkv, G, D]
+    return out.view(-1, head_dim).to(q.dtype)
+
+
 DECODE_GROUPS = 4  # decodes are sorted by length and padded per group, not to the longest
 
 
@@ -178,11 +195,50 @@ class _Chunk:
 
 
 @dataclass
+class _SingleDecode:
+    """The step is one request decoding one token."""
+
+    blocks: torch.Tensor  # [ceil(seq_len / block_size)] its block ids
+    first_block: int | None  # the blocks are first_block, first_block + 1, ...: read in place
+    seq_len: int
+    fresh_blocks: torch.Tensor  # [1] the block the token starts, or [0]
+
+    @classmethod
+    def plan(cls, metadata: AttentionMetadata, block_size: int) -> _SingleDecode | None:
+        """The plan of a one-token step with one request; None if the token is padding."""
+        slot = int(metadata.slot_mapping[0])  # host data on the CPU: no device sync
+        if slot < 0:
+            return None
+        seq_len = metadata.seq_lens_cpu[0]
+        blocks = metadata.block_tables[0, :-(-seq_len // block_size)]
+        ids = blocks.tolist()
+        consecutive = ids == list(range(ids[0], ids[0] + len(ids)))
+        fresh = metadata.slot_mapping[:1 if slot % block_size == 0 else 0] // block_size
+        return cls(blocks.long(), ids[0] if consecutive else None, seq_len, fresh)
+
+    def read(self, rows: torch.Tensor, window: int, kv_heads: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [L, Hkv, D] of the positions the token sees (the last ``window`` with a
+        window); rows: the cache as [2, num_blocks, block_size * Hkv * D]."""
+        block_size = rows.shape[2] // (kv_heads * head_dim)
+        start = max(0, self.seq_len - window) if window else 0
+        first = start // block_size  # blocks wholly before the window are not read
+        if self.first_block is not None:
+            kv = rows.narrow(1, self.first_block + first, len(self.blocks) - first)
+        else:
+            kv = rows.index_select(1, self.blocks[first:])
+        kv = kv.view(2, -1, kv_heads, head_dim)  # [2, positions from the first block, Hkv, D]
+        lo, hi = start - first * block_size, self.seq_len - first * block_size
+        return kv[0, lo:hi], kv[1, lo:hi]
+
+
+@dataclass
 class _TorchStepData:
     fresh_blocks: torch.Tensor  # blocks whose first slot is written this step: cleared first
     padded: bool  # some slot is -1
     decodes: list[_DecodeGroup]
     chunks: list[_Chunk]
+    single: _SingleDecode | None = None  # the step is one decode (then decodes, chunks: [])
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -196,6 +252,15 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
+        if metadata.num_tokens == 1 and metadata.query_lens_cpu == [1]:
+            single = _SingleDecode.plan(metadata, block_size)
+            if single is not None:
+                metadata.backend_data = _TorchStepData(single.fresh_blocks, False, [], [],
+                                                       single)
+                return
+        slots = metadata.slot_mapping
+        fresh = slots[(slots >= 0) & (slots % block_size == 0)] // block_size
+        padded = bool((slots < 0).any())  # host data on the CPU: no device sync
         starts = metadata.query_starts_cpu
         decodes: list[int] = []
         chunks = []
@@ -210,9 +275,6 @@ class TorchAttentionBackend(AttentionBackend):
         size = max(1, -(-len(decodes) // DECODE_GROUPS))
         groups = [self._decode_group(metadata, decodes[i:i + size], block_size)
                   for i in range(0, len(decodes), size)]
-        slots = metadata.slot_mapping
-        fresh = slots[(slots >= 0) & (slots % block_size == 0)] // block_size
-        padded = bool((slots < 0).any())  # host data on the CPU: no device sync
         metadata.backend_data = _TorchStepData(fresh, padded, groups, chunks)
 
     @staticmethod
@@ -241,6 +303,10 @@ class TorchAttentionBackend(AttentionBackend):
         two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
         # One row per block: index_select of 2-D rows is several times faster than of 4-D.
         rows = kv_cache.view(two, num_blocks, block_size * kv_heads * head_dim)
+        if data.single is not None:
+            kd, vd = data.single.read(rows, sliding_window, kv_heads, head_dim)
+            out = _attend_one(q[0], kd, vd, scale, softcap)[None]
+            return out * v_scale if fp8 and v_scale != 1.0 else out
         out = torch.empty_like(q)
         for g in data.decodes:
             if g.k_buf is None:
