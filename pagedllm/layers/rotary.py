@@ -221,9 +221,33 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor,
         from pagedllm.kernels.rotary import rotary_triton
 
         return rotary_triton(q, k, cos, sin)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def apply_rotary_qk(qk: torch.Tensor, num_heads: int, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary`` of q = qk[:, :num_heads] and k = qk[:, num_heads:], where qk
+    [T, H + Hkv, D] holds the query heads and then the key heads (a view of the fused qkv
+    output): on the CPU one rotation of the whole, half the small ops of two. Returns views
+    [T, H, D] and [T, Hkv, D]."""
+    cos, _ = cos_sin
+    if dispatch.use_triton(qk) or cos.shape[-1] < qk.shape[-1]:
+        return apply_rotary(qk[:, :num_heads], qk[:, num_heads:], cos_sin)
+    out = _rotate(qk, *cos_sin)
+    return out[:, :num_heads], out[:, num_heads:]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for x's halves (x1, x2): the
+    halves swapped by one flip and the first negated in place, the same values in fewer ops."""
+    rotated = x.unflatten(-1, (2, -1)).flip(-2)  # [..., 2, D / 2]: (x2, x1), a new tensor
+    rotated.select(-2, 0).neg_()
+    out = x * cos
+    out += rotated.flatten(-2).mul_(sin)
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The reference spelling of the rotation (transformers'): (-x2, x1)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -19,7 +19,12 @@ from pagedllm.layers.activation import gated_activation
 from pagedllm.layers.attention import Attention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.rotary import MRotaryEmbedding, RotaryEmbedding, apply_rotary
+from pagedllm.layers.rotary import (
+    MRotaryEmbedding,
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_qk,
+)
 from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.arch import ModelArch
 
@@ -53,13 +58,17 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a = self.arch
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, a.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, a.head_dim)  # [T, Hkv, D]
-        v = v.view(-1, self.num_kv_heads, a.head_dim)
+        qkv = self.qkv_proj(x)
+        qk_size = self.q_size + self.kv_size
+        v = qkv[:, qk_size:].view(-1, self.num_kv_heads, a.head_dim)  # [T, Hkv, D]
         if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
+            q, k = qkv[:, :qk_size].split([self.q_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.view(-1, self.num_heads, a.head_dim))  # [T, H, D]
+            k = self.k_norm(k.view(-1, self.num_kv_heads, a.head_dim))  # [T, Hkv, D]
+            q, k = apply_rotary(q, k, cos_sin)
+        else:  # q's heads and k's are adjacent in qkv: rotated together
+            qk = qkv[:, :qk_size].view(-1, self.num_heads + self.num_kv_heads, a.head_dim)
+            q, k = apply_rotary_qk(qk, self.num_heads, cos_sin)
         return self.o_proj(self.attn(q, k, v))
 
 
