@@ -91,14 +91,15 @@ def _wait_until_serving(url: str, process: subprocess.Popen, log_path: str) -> N
 
 
 @contextlib.contextmanager
-def launch_server(*args: str) -> Iterator[Server]:
+def launch_server(*args: str, max_model_len: int = MAX_MODEL_LEN,
+                  max_num_seqs: int = MAX_NUM_SEQS) -> Iterator[Server]:
     """``pagedllm serve`` with the shared test flags plus ``args``, in a subprocess."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-serve-", suffix=".log", delete=False)
     # The caller's flags come last: they override the shared ones.
     cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
+           "--max-num-seqs", str(max_num_seqs), "--max-model-len", str(max_model_len),
            "--kv-cache-memory-bytes", str(512 * 2**20), "--api-key", API_KEY,
            "--disable-uvicorn-access-log", *args]
     start = time.monotonic()
@@ -112,7 +113,8 @@ def launch_server(*args: str) -> Iterator[Server]:
         assert first.status_code == 200, first.text
         startup = time.monotonic() - start
         print(f"\npagedllm serve: first request answered {startup:.1f} s after process start")
-        yield Server(url, process, log.name, startup)
+        yield Server(url, process, log.name, startup, max_model_len=max_model_len,
+                     max_num_seqs=max_num_seqs)
     finally:
         cores = engine_core_pids(process.pid)
         process.terminate()

@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import openai
 import pytest
 
-from tests.entrypoints.conftest import (
-    API_KEY,
-    MAX_MODEL_LEN,
-    Server,
-    _free_port,
-    _wait_until_serving,
-)
-from tests.processes import engine_core_pids, wait_gone
+from tests.entrypoints.conftest import Server, launch_server
 
 MAX_QUEUED_REQS = 4
 MAX_QUEUED_TOKENS = 64
@@ -36,31 +25,11 @@ LONG_PROMPT = " ".join(["word"] * 80)  # > MAX_QUEUED_TOKENS tokens
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-           "--scheduling-policy", "priority", "--max-num-seqs", "1",
-           "--max-num-queued-reqs", str(MAX_QUEUED_REQS),
-           "--max-num-queued-tokens", str(MAX_QUEUED_TOKENS),
-           "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(256 * 2**20),
-           "--api-key", API_KEY, "--disable-uvicorn-access-log"]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        _wait_until_serving(url, process, log.name)
-        yield Server(url, process, log.name, 0.0, max_num_seqs=1)
-    finally:
-        cores = engine_core_pids(process.pid)
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
-        assert not wait_gone(cores, 5.0), "the engine core outlived its server"
+    with launch_server("--scheduling-policy", "priority",
+                       "--max-num-queued-reqs", str(MAX_QUEUED_REQS),
+                       "--max-num-queued-tokens", str(MAX_QUEUED_TOKENS),
+                       "--kv-cache-memory-bytes", str(256 * 2**20), max_num_seqs=1) as running:
+        yield running
 
 
 @contextlib.asynccontextmanager

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,8 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.entrypoints.conftest import API_KEY, Server, _free_port, _wait_until_serving
-from tests.processes import engine_core_pids, wait_gone
+from tests.entrypoints.conftest import Server, launch_server
 
 schemathesis = pytest.importorskip("schemathesis")  # in the test extras
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -49,30 +44,9 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """Small limits: fuzzed max_tokens beyond 96 are refused, the rest finish quickly."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w", prefix="pagedllm-fuzz-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port),
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-           "--kv-cache-memory-bytes", str(64 * 2**20), "--api-key", API_KEY,
-           "--disable-uvicorn-access-log", "--disable-log-stats"]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        _wait_until_serving(url, process, log.name)
-        yield Server(url, process, log.name, 0.0, max_model_len=MAX_MODEL_LEN,
-                     max_num_seqs=MAX_NUM_SEQS)
-    finally:
-        cores = engine_core_pids(process.pid)
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        os.unlink(log.name)
-        assert not wait_gone(cores, 5.0), "the engine core outlived its server"
+    with launch_server("--kv-cache-memory-bytes", str(64 * 2**20), "--disable-log-stats",
+                       max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS) as running:
+        yield running
 
 
 def _assert_healthy(server: Server) -> None:
