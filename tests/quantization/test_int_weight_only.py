@@ -14,13 +14,16 @@ from pagedllm.layers.quantization.int_weight_only import (
     INT4_GROUP,
     Int4LinearMethod,
     Int8LinearMethod,
+    Int8LMHeadMethod,
     bf16_linear,
     dequantize_int4,
     dequantize_int8,
     int4_linear,
     int4_linear_ref,
+    int8_as_int4_pair,
     int8_linear,
     int8_linear_ref,
+    int8_pair_linear,
     quantize_int4,
     quantize_int8,
 )
@@ -78,13 +81,43 @@ def test_bf16_gemm_matches_dequantized_product(method: str, rows: int) -> None:
     assert ((out - expected).abs() <= bound + 1e-6).all()
 
 
+@pytest.mark.parametrize("inputs", [64, 96, 576])  # groups of 64, 32, 64
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_int8_as_an_int4_pair_matches_the_int8_product(inputs: int, rows: int) -> None:
+    """The LM head's few-row product: the int8 values as two int4 rows each (q = 16 hi + lo).
+    The int4 kernel dequantizes each half in bfloat16 (up to 2^-9 of |16 scale hi| and of
+    |scale lo| + 8 scale, its zero) and rounds each half's output to bfloat16 (2^-9 each)."""
+    w = torch.randn(80, inputs, generator=_gen(inputs)) * 0.05
+    q, scale = quantize_int8(w)
+    packed, scale_and_zero, group = int8_as_int4_pair(q, scale)
+    assert scale_and_zero.shape == (inputs // group, 160, 2)
+    x = torch.randn(rows, inputs, generator=_gen(rows))
+    bias = torch.randn(80, generator=_gen(2))
+    out = int8_pair_linear(x, packed, scale_and_zero, group, bias)
+    expected = int8_linear_ref(x, q, scale, bias)
+    hi = q.int().div(16, rounding_mode="floor")
+    s = scale.float()[:, None]
+    halves = (16 * s * hi).abs() + (s * (q - 16 * hi)).abs() + 8 * s  # [80, K]
+    x16 = x.to(torch.bfloat16).float()
+    bound = 2.0**-8 * (x16.abs() @ halves.t()) + 2.0**-8 * (expected - bias).abs()
+    assert ((out - expected).abs() <= bound + 1e-6).all()
+    # each weight: its two halves (read back through the kernel) add up to the int8 value
+    unpacked = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        torch.eye(inputs, dtype=torch.bfloat16), packed, group, scale_and_zero).float().t()
+    err = (unpacked[:80] + unpacked[80:] - dequantize_int8(q, scale)).abs()
+    assert (err <= 2.0**-8 * halves).all()
+
+
 def _integer_kernel(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(layer, "weight_int4"):
         return int4_linear(x, layer.weight_int4, layer.scale_and_zero, None)
+    if hasattr(layer, "weight_int4_pair"):
+        return int8_pair_linear(x, layer.weight_int4_pair, layer.pair_scale_and_zero,
+                                layer.pair_group, None)
     return int8_linear(x, layer.weight_int8, layer.weight_scale, None)
 
 
-@pytest.mark.parametrize("method_class", [Int4LinearMethod, Int8LinearMethod])
+@pytest.mark.parametrize("method_class", [Int4LinearMethod, Int8LinearMethod, Int8LMHeadMethod])
 def test_few_rows_take_the_integer_kernel_and_many_the_bf16_gemm(method_class: type) -> None:
     layer = ColumnParallelLinear(128, [96])
     with torch.no_grad():

@@ -13,6 +13,9 @@ the weights on the fly inside the product (nothing is dequantized to memory):
 - ``int8``: symmetric, one scale per output row (``w = q * scale``, q in -127..127), through
   ``_weight_int8pack_mm``.
 
+Both put the LM head in int8 (``Int8LMHeadMethod``), whose one-row product reads each int8
+value as two int4 ones through the int4 kernel, faster than the int8 kernel at one row.
+
 Both kernels are fast only with bfloat16 activations and bfloat16 scales (their float32 paths
 are scalar: 10-20x slower, measured), so the product runs in bfloat16 with float32 accumulation:
 the input is rounded to bfloat16, the output too, and both are float32 again around it. The
@@ -83,14 +86,20 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(scale.float()[:, None])
 
 
+# A decode step makes ~120 of these products, so the 2-D case (every linear layer's) skips
+# the reshapes: each Python-level call costs about as much as a 576x576 product's arithmetic.
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as contiguous bfloat16 rows [M, K] (the kernels' input)."""
-    return x.reshape(-1, x.shape[-1]).to(_KERNEL_DTYPE).contiguous()
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x.to(_KERNEL_DTYPE).contiguous()
 
 
 def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel's [M, N] bfloat16 output in x's dtype and leading dims, plus the bias."""
-    out = out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+    out = out.to(x.dtype)
+    if x.dim() != 2:
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 
 
@@ -119,6 +128,39 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
     out = _rows(x).float() @ dequantize_int8(q, scale).t()
     return _finish(out.to(_KERNEL_DTYPE), x, bias)
+
+
+def int8_as_int4_pair(q: torch.Tensor, scale: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """An int8 weight (q [N, K], per-row scale [N] bfloat16) as an int4 one of 2N rows, for
+    ``_weight_int4pack_mm_for_cpu``: (its packing, scale_and_zero [K / g, 2N, 2], group g).
+
+    q = 16 hi + lo with hi in -8..7 and lo in 0..15. In the kernel's ``(q4 - 8) s4 + z4``, row
+    i holds hi + 8 with s4 = 16 scale, z4 = 0, and row N + i holds lo with s4 = scale,
+    z4 = 8 scale: scale times powers of two, exact in bfloat16, so the two rows' products add
+    up to the int8 row's. The scale is per row, so g is the largest group size K allows."""
+    n, k = q.shape
+    group = next((g for g in (256, 128, 64, 32) if k % g == 0), None)
+    if group is None:
+        raise ValueError(f"an int4 pair needs a multiple of 32 inputs, got {k}")
+    q = q.to(torch.int32)
+    hi = q.div(16, rounding_mode="floor")
+    q4 = torch.cat([hi + 8, q - 16 * hi])  # [2N, K] in 0..15
+    s = scale.float()
+    scales = torch.cat([16 * s, s]).to(_KERNEL_DTYPE)
+    zeros = torch.cat([torch.zeros_like(s), 8 * s]).to(_KERNEL_DTYPE)
+    scale_and_zero = torch.stack([scales, zeros], dim=-1).expand(k // group, 2 * n, 2)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4, _INNER_K_TILES)
+    return packed, scale_and_zero.contiguous(), group
+
+
+def int8_pair_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+                     group: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] times an int8 weight held as ``int8_as_int4_pair``: the two halves' bfloat16
+    products added in float32 (the int8 kernel rounds the one sum to bfloat16 instead)."""
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x), packed, group, scale_and_zero)
+    n = out.shape[-1] // 2
+    return _finish(out[:, :n].float() + out[:, n:], x, bias)
 
 
 # oneDNN compiles and keeps code for every row count its bfloat16 GEMM sees (~0.2-0.6 MB each,
@@ -165,7 +207,7 @@ class Int8LinearMethod(LinearMethod):
     after loading."""
 
     name = "int8"
-    lm_head = "int8"
+    lm_head = "int8-lm-head"
     # From this many rows on, the bfloat16 GEMM (rows padded to 16) beats the int8 kernel
     # (measured, one thread, the 49152x576 LM head: 12.3 ms in int8 at 8 rows, 10.7 in bf16 at 16)
     gemm_rows = 8
@@ -189,12 +231,43 @@ class Int8LinearMethod(LinearMethod):
         return int8_linear(x, layer.weight_int8, layer.weight_scale, bias)
 
 
+class Int8LMHeadMethod(Int8LinearMethod):
+    """The LM head's int8 (under ``--quantization int4`` and ``int8``): the same stored values,
+    but fewer than ``gemm_rows`` rows multiply them as an int4 pair (``int8_as_int4_pair``, the
+    same bytes): at one row the int4 kernel reads them faster than the int8 kernel reads its own
+    (SmolLM2's 49152x576 head, one thread: 3.18 against 3.84 ms, docs/benchmarks.md). The pair's
+    kernel rounds each half's weights and output to bfloat16, as the many-row GEMM rounds the
+    weights: measured accuracy unchanged. A head whose inputs are not a multiple of 32 (the
+    int4 kernel's groups) keeps the int8 kernel."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        n, k = layer.weight.shape
+        layer.pair_group = 0
+        if k % INT4_GROUP:
+            super().process_weights_after_loading(layer)
+            return
+        if layer.weight.device.type != "cpu":
+            raise ValueError(f"--quantization int4/int8 run on the CPU; the LM head is on "
+                             f"{layer.weight.device}")
+        q, scale = quantize_int8(layer.weight.data)
+        packed, scale_and_zero, layer.pair_group = int8_as_int4_pair(q, scale)
+        _replace_weight(layer, weight_int4_pair=packed, pair_scale_and_zero=scale_and_zero,
+                        weight_bf16=dequantize_int8(q, scale).to(_KERNEL_DTYPE))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if not layer.pair_group or _num_rows(x) >= self.gemm_rows:
+            return super().apply(layer, x, bias)
+        return int8_pair_linear(x, layer.weight_int4_pair, layer.pair_scale_and_zero,
+                                layer.pair_group, bias)
+
+
 class Int4LinearMethod(LinearMethod):
     """``weight_int4`` (the kernel's packing), ``scale_and_zero`` [K / 32, N, 2] bfloat16 and
     ``weight_bf16`` [N, K] after loading."""
 
     name = "int4"
-    lm_head = "int8"  # GGUF files keep it in 8 bits (Q8_0); in 4 bits it is 9 % off (measured)
+    lm_head = "int8-lm-head"  # GGUF files keep it in 8 bits (Q8_0); in 4 bits 9 % off (measured)
     # From this many rows on, the bfloat16 GEMM beats the int4 kernel (measured, one thread,
     # 1536x576 and 576x1536: a tie at 8 rows, 1.5x at 12, 2.5x at 256)
     gemm_rows = 10
@@ -239,3 +312,4 @@ def serve_default_quantization(kwargs: dict[str, Any]) -> str | None:
 
 METHODS["int4"] = Int4LinearMethod
 METHODS["int8"] = Int8LinearMethod
+METHODS["int8-lm-head"] = Int8LMHeadMethod  # the LM head's, not a --quantization choice
