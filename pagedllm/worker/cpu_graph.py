@@ -97,11 +97,14 @@ def _dummy_step(num_tokens: int, block_size: int) -> tuple[torch.Tensor, torch.T
 
 
 def _warm_up_sizes(model: nn.Module) -> list[int]:
-    """Step sizes that reach every graph: one token, two, and the first size at which a
-    quantized product takes its bfloat16 GEMM (``gemm_rows``)."""
+    """Step sizes that reach every graph: one token, two, the first size at which a quantized
+    product takes its bfloat16 GEMM (``gemm_rows``), and the first of its larger row bucket."""
+    from pagedllm.layers.quantization.int_weight_only import GEMM_TIER_ROWS
+
     gemm_rows = {getattr(m.method, "gemm_rows", 2) for m in model.modules()
                  if hasattr(m, "method")}
-    return sorted({1, 2, *gemm_rows})
+    tiers = {GEMM_TIER_ROWS} if gemm_rows - {2} else set()
+    return sorted({1, 2, *gemm_rows, *tiers})
 
 
 def _warm_up(runner, compiled) -> None:  # noqa: ANN001 (a ModelRunner)

@@ -8,7 +8,8 @@ structured outputs run too. Every answer is below 500, JSON (SSE for streams, te
 /metrics), errors in OpenAI's shape; the server log has no traceback; /health is 200 after.
 
 Hypothesis is derandomized (the same cases on every run) and each pass has a fixed number of
-examples; a wall-clock budget skips what is left if a slow machine would run much past a minute.
+examples (~325 requests, ~40 s on two quiet cores): a fixed amount, so that every pass runs on a
+slow or busy machine too (a wall-clock budget once skipped the last pass under load).
 The hand-written hostile bodies and the regression cases below are what the fuzzer (and its
 first manual run) found: each failed the server before the fix in ``protocol.py``.
 """
@@ -37,7 +38,6 @@ MAX_MODEL_LEN = 96  # every accepted request ends within a few dozen decode step
 MAX_NUM_SEQS = 4
 RAW_EXAMPLES = 30  # per operation and generation mode, on the server's own schema
 NARROW_EXAMPLES = 40  # per generating operation, on the narrowed schema
-FUZZ_BUDGET_S = 90.0  # past it, the remaining cases are skipped (and counted as skipped)
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -164,18 +164,8 @@ def _narrowed(raw: dict[str, Any], model: str) -> dict[str, Any]:
 
 # --- the fuzzer ---
 
-class _Tally:
-    def __init__(self, budget_s: float) -> None:
-        self.deadline = time.monotonic() + budget_s
-        self.statuses: Counter[tuple[str, int]] = Counter()
-        self.skipped = 0
-
-    def over(self) -> bool:
-        return time.monotonic() > self.deadline
-
-
 def _fuzz(server: Server, schema: Any, mode: GenerationMode, examples: int,
-          tally: _Tally) -> None:
+          tally: Counter[tuple[str, int]]) -> None:
     """Every operation of ``schema``: ``examples`` derandomized cases each (one for an operation
     without parameters or a body, which has nothing to vary)."""
     for result in schema.get_all_operations():
@@ -191,13 +181,10 @@ def _fuzz(server: Server, schema: Any, mode: GenerationMode, examples: int,
 
 
 def _one_operation(server: Server, op: Any, mode: GenerationMode,
-                   tally: _Tally) -> Callable[[Any], None]:
+                   tally: Counter[tuple[str, int]]) -> Callable[[Any], None]:
     def run(case: Any) -> None:
-        if tally.over():
-            tally.skipped += 1
-            return
         response = case.call(base_url=server.url, headers=server.auth, timeout=120)
-        tally.statuses[(f"{op.label} ({mode.value})", response.status_code)] += 1
+        tally[(f"{op.label} ({mode.value})", response.status_code)] += 1
         content_type = response.headers.get("content-type", [""])[0]  # schemathesis: lists
         try:
             _check_answer(op.method.upper(), op.path, response.status_code, content_type,
@@ -212,22 +199,21 @@ def test_fuzzed_openapi_requests_get_no_5xx(server: Server) -> None:
     raw = httpx.get(server.url + "/openapi.json", timeout=30).json()
     model = httpx.get(server.base_url + "/models", headers=server.auth,
                       timeout=30).json()["data"][0]["id"]
-    tally = _Tally(FUZZ_BUDGET_S)
+    tally: Counter[tuple[str, int]] = Counter()
     loaded = schemathesis.openapi.from_dict(raw)
     _fuzz(server, loaded, GenerationMode.POSITIVE, RAW_EXAMPLES, tally)
     _fuzz(server, loaded, GenerationMode.NEGATIVE, RAW_EXAMPLES, tally)
     _fuzz(server, schemathesis.openapi.from_dict(_narrowed(raw, model)),
           GenerationMode.POSITIVE, NARROW_EXAMPLES, tally)
-    total = sum(tally.statuses.values())
-    print(f"\nfuzzed {total} requests in {time.monotonic() - start:.1f} s "
-          f"({tally.skipped} skipped past the budget)")
-    for (label, status), count in sorted(tally.statuses.items()):
+    total = sum(tally.values())
+    print(f"\nfuzzed {total} requests in {time.monotonic() - start:.1f} s")
+    for (label, status), count in sorted(tally.items()):
         print(f"  {label}: {status} x{count}")
-    operations = {label.split(" (")[0] for label, _ in tally.statuses}
+    operations = {label.split(" (")[0] for label, _ in tally}
     assert len(operations) == len(raw["paths"]), operations  # every path was sent something
     # the narrowed pass reached the engine: some generations were accepted
-    assert tally.statuses[("POST /v1/completions (positive)", 200)] > 0
-    assert tally.statuses[("POST /v1/chat/completions (positive)", 200)] > 0
+    assert tally[("POST /v1/completions (positive)", 200)] > 0
+    assert tally[("POST /v1/chat/completions (positive)", 200)] > 0
     _assert_healthy(server)
 
 

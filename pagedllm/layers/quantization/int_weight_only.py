@@ -170,6 +170,7 @@ def int8_pair_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torc
 # to 32 would cost more than the integer kernel saves.
 _GEMM_ROW_BUCKET = 32
 _GEMM_SMALL_BUCKET = 16
+GEMM_TIER_ROWS = _GEMM_SMALL_BUCKET + 1  # the first row count of the larger bucket
 
 
 def _gemm_padding(num_rows: int) -> int:
@@ -184,9 +185,9 @@ def bf16_linear(x: torch.Tensor, weight_bf16: torch.Tensor,
     theirs, ``int4_linear_ref`` / ``int8_linear_ref``."""
     rows = _rows(x)
     num_rows = rows.shape[0]
-    padding = _gemm_padding(num_rows)
-    if padding:
-        rows = F.pad(rows, (0, 0, 0, padding))
+    # Padded even by 0 rows: no branch on the amount for torch.compile to guard (and recompile)
+    # on; the bucket's size is one (GEMM_TIER_ROWS, warmed up by --compile-cpu).
+    rows = F.pad(rows, (0, 0, 0, _gemm_padding(num_rows)))
     return _finish(F.linear(rows, weight_bf16)[:num_rows], x, bias)
 
 
