@@ -17,6 +17,7 @@ from pagedllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+
 class OpenAIServing:
     def __init__(self, engine: AsyncLLM, served_model_names: Sequence[str]) -> None:
         self.engine = engine
