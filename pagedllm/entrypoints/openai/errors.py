@@ -38,11 +38,12 @@ class APIError(Exception):
         self.type = type  # None: OpenAI's type for the status
         self.headers = headers
 
+    def body(self) -> ErrorResponse:
+        return error_body(self.message, self.status, self.param, self.code, self.type)
+
     def response(self) -> JSONResponse:
-        body = error_body(self.message, self.status, self.param, self.code)
-        if self.type is not None:
-            body.error.type = self.type
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body().model_dump(), status_code=self.status,
+                            headers=self.headers)
 
 
 class ModelNotFound(APIError):
@@ -51,11 +52,11 @@ class ModelNotFound(APIError):
 
 
 def error_body(message: str, status: int = 400, param: str | None = None,
-               code: str | int | None = None) -> ErrorResponse:
-    return ErrorResponse(error=ErrorInfo(
-        message=message, type=_TYPES.get(status, "invalid_request_error" if status < 500
-                                          else "server_error"),
-        param=param, code=code))
+               code: str | int | None = None, type: str | None = None) -> ErrorResponse:
+    """``type``: None for OpenAI's type for the status."""
+    if type is None:
+        type = _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
 
 
 def error_response(message: str, status: int = 400, param: str | None = None,

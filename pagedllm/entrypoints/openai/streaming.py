@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pagedllm.engine.async_llm import OutputStream
-from pagedllm.entrypoints.openai.errors import error_body, to_api_error
+from pagedllm.entrypoints.openai.errors import to_api_error
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     except asyncio.CancelledError:
         raise
     except Exception as e:
-        err = to_api_error(e)
-        yield sse(error_body(err.message, err.status, err.param, err.code))
+        yield sse(to_api_error(e).body())
     yield DONE
 
 
