@@ -46,8 +46,7 @@ class LLM:
         or a dict ``{"prompt": text}`` / ``{"prompt_token_ids": ids}`` with optional
         ``"multi_modal_data": {"image": image or [images]}`` (PIL images). ``priority``: one per
         prompt, lower first (needs ``scheduling_policy="priority"``)."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _prompt_list(prompts)
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -89,8 +88,7 @@ class LLM:
         ``sequences`` best first. A sequence's ``tokens`` are the prompt's and the generated
         ones; its ``text`` is theirs decoded with special tokens, as vLLM's, except that a final
         EOS is in it only with ``include_stop_str_in_output`` (vLLM always puts it there)."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = _prompt_list(prompts)
         max_logprobs = self.engine.config.model.max_logprobs
         if 2 * params.beam_width > max_logprobs:  # each round asks for 2 * beam_width logprobs
             raise ValueError(f"beam_width must be at most max_logprobs / 2 "
@@ -138,6 +136,13 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [results[i] for i in ids]
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> Sequence[PromptType]:
+    """One prompt (text, a dict, token ids) as a list of one; a list of prompts as it is."""
+    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]  # type: ignore[list-item]
+    return prompts  # type: ignore[return-value]
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:

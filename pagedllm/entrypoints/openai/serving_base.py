@@ -7,11 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedllm.engine.async_llm import AsyncLLM, OutputStream
+from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.engine.frontend import check_priority
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.openai.errors import APIError, ModelNotFound
 from pagedllm.entrypoints.openai.logprobs import LogprobFormatter, PromptLogprobs
 from pagedllm.entrypoints.openai.protocol import SamplingRequest
+from pagedllm.entrypoints.openai.serving_beam import beam_params
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -73,6 +75,16 @@ class OpenAIServing:
                 "the completion). Please reduce the length of the input or the completion.",
                 param="max_tokens", code="context_length_exceeded")
         return min(max_tokens, self.default_max_tokens or max_tokens)
+
+    def beam_search_params(self, request: SamplingRequest, token_ids: Sequence[int],
+                           max_tokens: int | None, param: str) -> BeamSearchParams:
+        """A ``use_beam_search`` request's search over one prompt (``param`` names it)."""
+        self.check_prompt(token_ids, param)
+        resolved = self.resolve_max_tokens(len(token_ids), max_tokens, param)
+        if resolved is None or resolved < 1:
+            raise APIError(f"max_tokens must be at least 1, got {resolved}.",
+                           param="max_tokens")
+        return beam_params(request, resolved, self.default_sampling)
 
     def check_vllm_fields(self, request: SamplingRequest) -> None:
         """vLLM's request fields that pagedllm does not implement are refused, never ignored."""

@@ -34,7 +34,7 @@ from pagedllm.entrypoints.openai.protocol_chat import (
 )
 from pagedllm.entrypoints.openai.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
-from pagedllm.entrypoints.openai.serving_beam import BeamStream, beam_params, check_beam_request
+from pagedllm.entrypoints.openai.serving_beam import BeamStream, check_beam_request
 from pagedllm.entrypoints.openai.streaming import respond
 from pagedllm.entrypoints.openai.tool_calls import ToolChoice
 from pagedllm.entrypoints.openai.tool_parsers import ToolParser, get_tool_parser
@@ -161,18 +161,12 @@ class OpenAIServingChat(OpenAIServing):
         return request.to_sampling_params(max_tokens, logprobs, request.prompt_logprobs,
                                           structured, self.default_sampling)
 
-
     def _beam_params(self, request: ChatCompletionRequest,
                      prompt: ProcessedPrompt) -> BeamSearchParams:
         if prompt.images:  # each round re-sends the prompt: no image placeholders in it
             raise APIError("Images cannot be used with use_beam_search.", param="messages")
-        self.check_prompt(prompt.token_ids, "messages")
-        max_tokens = self.resolve_max_tokens(len(prompt.token_ids), request.max_output_tokens,
-                                             "messages")
-        if max_tokens is None or max_tokens < 1:
-            raise APIError(f"max_tokens must be at least 1, got {max_tokens}.",
-                           param="max_tokens")
-        return beam_params(request, max_tokens, self.default_sampling)
+        return self.beam_search_params(request, prompt.token_ids, request.max_output_tokens,
+                                       "messages")
 
     @staticmethod
     def _logprobs(request: ChatCompletionRequest) -> int | None:

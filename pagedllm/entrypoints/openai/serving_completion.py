@@ -14,7 +14,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pagedllm.engine.async_llm import OutputStream
-from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -25,7 +24,7 @@ from pagedllm.entrypoints.openai.protocol_completion import (
     CompletionStreamResponse,
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
-from pagedllm.entrypoints.openai.serving_beam import BeamStream, beam_params, check_beam_request
+from pagedllm.entrypoints.openai.serving_beam import BeamStream, check_beam_request
 from pagedllm.entrypoints.openai.streaming import respond
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -49,7 +48,8 @@ class OpenAIServingCompletion(OpenAIServing):
         stream: OutputStream | BeamStream
         if request.use_beam_search:
             stream = BeamStream(self.engine, request_id, token_lists,
-                                [self._beam_params(request, ids) for ids in token_lists],
+                                [self.beam_search_params(request, ids, request.max_tokens,
+                                                         "prompt") for ids in token_lists],
                                 request, request.logprobs)
         else:
             params = [self._params(request, ids) for ids in token_lists]
@@ -76,14 +76,6 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.use_beam_search and request.echo and request.logprobs is not None:
             raise APIError("echo with logprobs cannot be used with use_beam_search: beam search "
                            "computes no logprobs for the prompt.", param="echo")
-
-    def _beam_params(self, request: CompletionRequest, token_ids: list[int]) -> BeamSearchParams:
-        self.check_prompt(token_ids, "prompt")
-        max_tokens = self.resolve_max_tokens(len(token_ids), request.max_tokens, "prompt")
-        if max_tokens is None or max_tokens < 1:
-            raise APIError(f"max_tokens must be at least 1, got {max_tokens}.",
-                           param="max_tokens")
-        return beam_params(request, max_tokens, self.default_sampling)
 
     def _params(self, request: CompletionRequest, token_ids: list[int]) -> SamplingParams:
         self.check_prompt(token_ids, "prompt")
