@@ -76,6 +76,9 @@ class CacheConfig:
             raise ValueError("kv_cache_memory_bytes must be positive")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy (core/request_queue.py)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = field(default=256, metadata=_help(
@@ -93,7 +96,7 @@ class SchedulerConfig:
         "order of arrival) or priority (requests are handled by their given priority, a lower "
         "value earlier, and by time of arrival among equal priorities; when the KV cache runs "
         "out, the running request with the largest priority value is preempted first).",
-        choices=["fcfs", "priority"]))
+        choices=list(SCHEDULING_POLICIES)))
     max_num_queued_reqs: int | None = field(default=None, metadata=_help(
         "Maximum number of requests in flight (waiting or running; a request with n > 1 counts "
         "n). Beyond it new requests are refused at once with HTTP 503 and a Retry-After "
@@ -108,9 +111,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError("scheduling_policy must be 'fcfs' or 'priority', got "
-                             f"{self.scheduling_policy!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}"
+                             f", got {self.scheduling_policy!r}")
         for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
             value = getattr(self, name)
             if value is not None and value < 0:

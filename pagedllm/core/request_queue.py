@@ -15,9 +15,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
+from pagedllm.config import SCHEDULING_POLICIES
 from pagedllm.core.request import Request
-
-SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 class RequestQueue(Protocol):

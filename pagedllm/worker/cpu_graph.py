@@ -101,10 +101,9 @@ def _warm_up_sizes(model: nn.Module) -> list[int]:
     product takes its bfloat16 GEMM (``gemm_rows``), and the first of its larger row bucket."""
     from pagedllm.layers.quantization.int_weight_only import GEMM_TIER_ROWS
 
-    gemm_rows = {getattr(m.method, "gemm_rows", 2) for m in model.modules()
-                 if hasattr(m, "method")}
-    tiers = {GEMM_TIER_ROWS} if gemm_rows - {2} else set()
-    return sorted({1, 2, *gemm_rows, *tiers})
+    gemm_rows = {m.method.gemm_rows for m in model.modules()
+                 if hasattr(getattr(m, "method", None), "gemm_rows")}
+    return sorted({1, 2, *gemm_rows, *({GEMM_TIER_ROWS} if gemm_rows else ())})
 
 
 def _warm_up(runner, compiled) -> None:  # noqa: ANN001 (a ModelRunner)
