@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from pagedllm import LLM, BeamSearchParams
-from tests.entrypoints.conftest import Server, launch_server
+from tests.entrypoints.conftest import Server
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +17,6 @@ PROMPTS = ["The capital of France is", "Hello, my name is"]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 8
 BEAM = {"use_beam_search": True, "length_penalty": 0.7}
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    # float32, as the offline LLM: ``serve`` defaults to int4 weights for a Q4_1 GGUF on the
-    # CPU, whose logprobs differ enough to pick other beams.
-    with launch_server("--dtype", "float32") as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
