@@ -33,8 +33,8 @@ SHAPES = {  # (N, K) of one rank's linear layers
 SWEEP = {  # the MMA kernel (any rows), the GEMV kernel (one row)
     False: dict(block_n=(32, 64), block_k=(128, 256), split_k=(1, 2, 4), num_warps=(4,),
                 num_stages=(3, 5)),
-    True: dict(block_n=(2, 4, 8, 16, 32), block_k=(256, 512, 1024), split_k=(1, 2, 4, 8),
-               num_warps=(4, 8), num_stages=(1, 2, 3)),
+    True: dict(block_n=(2, 4, 8, 16), block_k=(1024, 2048, 4096), split_k=(1, 2),
+               num_warps=(4, 8), num_stages=(2, 3)),
 }
 SMEM_BYTES = 227 * 1024  # per block on sm90
 
@@ -90,11 +90,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--shapes", choices=["8b", "all"], default="all")
+    parser.add_argument("--gemv-only", action="store_true", help="one row, the GEMV kernel")
     args = parser.parse_args()
     models = ["8b"] if args.shapes == "8b" else list(SHAPES)
     table = []
     for model, rows, gemv in itertools.product(models, args.rows, (True, False)):
-        if gemv and rows > 1:
+        if (gemv and rows > 1) or (args.gemv_only and not gemv):
             continue
         for layer, (n, k) in SHAPES[model].items():
             gb = n * k / 1e9

@@ -203,13 +203,14 @@ def batch1_step_ms(llm: LLM, bw: float) -> tuple[float, float]:
     return step_ms, 1000 * (weights + kv) / bw
 
 
-def profile_decode(config: str, batch: int, prompt_len: int, steps: int = 20) -> None:
+def profile_decode(config: str, batch: int, prompt_len: int, steps: int = 20,
+                   **engine_args) -> None:
     """Decode steps of ``batch`` requests with distinct ``prompt_len``-token prompts: wall time
     per step, then cProfile (host) and torch.profiler (kernels) of the same steps."""
     import cProfile
     import pstats
 
-    llm = make_llm(config, max_num_seqs=max(batch, 8), max_model_len=4096)
+    llm = make_llm(config, max_num_seqs=max(batch, 8), max_model_len=4096, **engine_args)
     params = SamplingParams(temperature=0, max_tokens=3 * steps + 40, ignore_eos=True)
     engine = llm.engine
     rng = random.Random(0)

@@ -1,6 +1,6 @@
 """FP8 on the GPU (issue 16): kernel tests, accuracy against bf16, speed. Run on an H200:
 
-    python benchmarks/gpu_fp8.py [--quick] [--skip-tests]
+    python benchmarks/gpu_fp8.py [--quick] [--skip-tests] [--only SECTION ...] [--repeat N]
 
 1. The FP8 kernel tests (and the kernels they touch) on CUDA, against the CPU reference.
 2. Accuracy on the Llama-3.1-8B shape with random weights (the same weights in every run:
@@ -16,6 +16,11 @@
 4. nano-vllm's workload on the Qwen3-0.6B shape with bf16 and fp8 KV, and the KV cache tokens
    each start-up logs.
 
+``--only`` runs some sections: tests, 8b (2 and 3), scaled-mm, qwen-kv (4), 8b-throughput (bf16
+and fp8 weights, throughput only), profile-b1 (the fp8 8B batch-1 step under the profilers).
+``--repeat N`` runs qwen-kv's and 8b-throughput's engines N times each, alternating the
+variants, and adds each variant's median (engines of one session differ by up to 30 %).
+
 A short table comes last. Engine logs go to stderr at WARNING, the table to stdout.
 """
 
@@ -27,6 +32,7 @@ import logging
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import traceback
@@ -42,6 +48,7 @@ from gpu_bench import (  # noqa: E402
     batch1_step_ms,
     copy_bandwidth,
     nano_vllm_workload,
+    profile_decode,
     release,
     sharegpt_like_workload,
     throughput_row,
@@ -215,46 +222,88 @@ def scaled_mm_decode_row(bw: float) -> Row:
     return row
 
 
-def qwen_kv(bw: float, n: int) -> list[Row]:
-    rows = []
-    workload = nano_vllm_workload(n)
-    for variant in ("auto", "fp8"):
-        (row, llm), kv_tokens = kv_tokens_logged(lambda v=variant: throughput_row(
-            "qwen3-0.6b", workload, bw, ">= bf16 KV", kv_cache_dtype=v))
-        name = "bf16 KV" if variant == "auto" else "fp8 KV"
-        row.name = f"qwen3-0.6b {name}: {len(workload.prompts)} reqs (nano-vllm)"
-        rows += [row, Row(f"qwen3-0.6b {name}: KV cache tokens (start-up log)", kv_tokens,
-                          "tok", target="2x bf16 KV's" if variant == "fp8" else "")]
-        release(llm)
+def alternating(config: str, workload: Workload, bw: float, target: str,
+                variants: dict[str, dict], repeat: int, batch1: bool = False) -> list[Row]:
+    """Each variant's engine ``repeat`` times, alternating: a row per run (with the KV tokens
+    its start-up logged, and with ``batch1`` its batch-1 decode step), then each variant's
+    median."""
+    rows: list[Row] = []
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(repeat):
+        for name, args in variants.items():
+            (row, llm), kv_tokens = kv_tokens_logged(lambda a=args: throughput_row(
+                config, workload, bw, target, **a))
+            row.name = f"{config} {name}: {len(workload.prompts)} reqs, run {i + 1}"
+            runs[name].append(row.measured)
+            rows += [row, Row(f"{config} {name}: KV cache tokens (start-up log)", kv_tokens,
+                              "tok")] if i == 0 else [row]
+            if batch1:
+                step_ms, floor_ms = batch1_step_ms(llm, bw)
+                rows.append(Row(f"{config} {name}: batch-1 decode step", step_ms, "ms",
+                                floor_ms))
+            release(llm)
+    first = next(iter(variants))
+    for name, values in runs.items():
+        median = statistics.median(values)
+        ratio = median / statistics.median(runs[first])
+        rows.append(Row(f"{config} {name}: median of {repeat}", median, "tok/s",
+                        target=f"{ratio:.2f}x {first}"))
     return rows
+
+
+def qwen_kv(bw: float, n: int, repeat: int) -> list[Row]:
+    return alternating("qwen3-0.6b", nano_vllm_workload(n), bw, ">= bf16 KV",
+                       {"bf16 KV": {"kv_cache_dtype": "auto"},
+                        "fp8 KV": {"kv_cache_dtype": "fp8"}}, repeat)
+
+
+def llama_8b_throughput(bw: float, n: int, repeat: int) -> list[Row]:
+    return alternating("llama-3.1-8b", sharegpt_like_workload(n), bw, "fp8 above bf16",
+                       {"bf16": {}, "fp8 weights": {"quantization": "fp8"}}, repeat, batch1=True)
+
+
+SECTIONS = ("tests", "8b", "scaled-mm", "qwen-kv", "8b-throughput", "profile-b1")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller workloads")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
+    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
+    only = set(args.only or [s for s in SECTIONS if s not in ("8b-throughput", "profile-b1")])
+    if args.skip_tests:
+        only.discard("tests")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    tests = "skipped" if args.skip_tests else run_tests()
+    tests = run_tests() if "tests" in only else "skipped"
     bw = copy_bandwidth()
     n_8b, n_prompts, n_nano = (100, 16, 64) if args.quick else (500, 64, 256)
-    rows, accuracy = llama_8b(bw, n_8b, n_prompts)
-    try:
-        rows.append(scaled_mm_decode_row(bw))
-    except Exception:  # noqa: BLE001 - reported in the table
-        rows.append(failed("8b fp8 weights: batch-1 step, _scaled_mm"))
-    try:
-        rows += qwen_kv(bw, n_nano)
-    except Exception:  # noqa: BLE001 - reported in the table
-        rows.append(failed("qwen3-0.6b KV"))
+    rows: list[Row] = []
+    accuracy: list[Accuracy] = []
+    if "profile-b1" in only:
+        profile_decode("llama-3.1-8b", 1, 128, quantization="fp8")
+    if "8b" in only:
+        rows, accuracy = llama_8b(bw, n_8b, n_prompts)
+    sections = {"scaled-mm": lambda: [scaled_mm_decode_row(bw)],
+                "qwen-kv": lambda: qwen_kv(bw, n_nano, args.repeat),
+                "8b-throughput": lambda: llama_8b_throughput(bw, n_8b, args.repeat)}
+    for name, section in sections.items():
+        if name in only:
+            try:
+                rows += section()
+            except Exception:  # noqa: BLE001 - reported in the table
+                rows.append(failed(name))
     print(f"\nFP8 kernel tests on {torch.cuda.get_device_name()}: {tests}")
     print(f"device copy bandwidth: {bw / 1e9:.0f} GB/s")
-    print(f"\nAccuracy, Llama-3.1-8B shape, random weights, {n_prompts} prompts: bf16's greedy "
-          f"tokens scored by teacher forcing; greedy agreement over the first {POSITIONS}")
-    print(f"{'variant':<16} {'mean |dlp|':>12} {'max |dlp|':>12} {'agreement':>12} "
-          f"{'common prefix':>14}")
-    for a in accuracy:
-        print(a.line())
+    if accuracy:
+        print(f"\nAccuracy, Llama-3.1-8B shape, random weights, {n_prompts} prompts: bf16's "
+              f"greedy tokens scored by teacher forcing; greedy agreement over the first "
+              f"{POSITIONS}")
+        print(f"{'variant':<16} {'mean |dlp|':>12} {'max |dlp|':>12} {'agreement':>12} "
+              f"{'common prefix':>14}")
+        for a in accuracy:
+            print(a.line())
     print(f"\n{'measurement':<46} {'value':>12} {'unit':<6} {'roofline':>12} {'ratio':>6}  target")
     for r in rows:
         print(r.line())

@@ -7,8 +7,8 @@ their dtype and each weight tile is upcast in registers (exact: e4m3 fits in bf1
 ``out = (x @ fp8(W)^T) * w_scale + bias``, the weight-only ("W8A16") form.
 
 Two kernels. One row (a batch-1 decode) takes ``_fp8_weight_gemv_kernel``: each program owns
-``BLOCK_N`` output channels (4 or 8) and walks the inner dimension ``BLOCK_K`` (1024) bytes of
-each at a time, multiplying in fp32 registers; each thread keeps its own partial sums and the
+``BLOCK_N`` output channels (2 to 8, fewer for bigger matrices) and walks the inner dimension
+``BLOCK_K`` (1024 or 2048) bytes of each at a time, multiplying in fp32 registers; each thread keeps its own partial sums and the
 threads reduce once at the end, so the loop is loads and FMAs only. Two to 16 rows take
 ``_fp8_weight_gemm_kernel``: ``tl.dot`` of the activations ``[16, BLOCK_K]`` with the upcast
 weight tile ``[BLOCK_K, BLOCK_N]`` (32 x 128), fp32 accumulators. Either may split the inner
@@ -142,8 +142,14 @@ def _sum_splits_kernel(
 @functools.lru_cache(maxsize=64)
 def choose_tiles(n: int, k: int, one_row: bool) -> Tiles:
     """The sweep's best tiles, as rules (H200; within ~5 % of the best on each 8B layer)."""
-    if one_row:  # the GEMV: 4 channels a program for big matrices, 8 for the others
-        return Tiles(4 if n * k >= 48 * 2**20 else 8, 1024, 1, num_warps=4, num_stages=2)
+    if one_row:  # the GEMV: fewer channels a program, each read further, for bigger matrices
+        if k >= 8192:
+            return Tiles(2, 2048, 1, num_warps=4, num_stages=3)
+        if n * k >= 48 * 2**20:
+            return Tiles(4, 1024, 1, num_warps=4, num_stages=3)
+        if n * k >= 24 * 2**20:
+            return Tiles(4, 2048, 1, num_warps=4, num_stages=3)
+        return Tiles(8, 1024, 1, num_warps=4, num_stages=2)
     # MMA: narrow layers with a long inner dimension split it in 4 (more programs per SM)
     return Tiles(32, 128, 4 if n < 8192 and k >= 2048 else 1, num_warps=4, num_stages=3)
 

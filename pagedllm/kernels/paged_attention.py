@@ -21,7 +21,9 @@ context). A soft-cap ``c`` replaces each scaled score ``s`` by ``c * tanh(s / c)
 scale passed is then ``scale / c`` and the cap is applied in base 2 (``c * log2(e)``).
 
 FP8 cache (``--kv-cache-dtype fp8``). K and V tiles are loaded as float8e4nv (half the bytes
-of a decode's dominant read) and upcast to q's dtype before the dots, which is exact; the
+of a decode's dominant read) and upcast before the dots, which is exact: to q's dtype, or
+under bf16 queries to fp16 (``AttentionTiles.fp16_dot``: q is rounded to fp16, exact within its
+range, and e4m3 -> fp16 is one instruction where e4m3 -> bf16 takes several); the
 per-tensor ``k_scale`` joins the score scale and ``v_scale`` multiplies the accumulator once at
 the end (the combine pass is linear in it), so the result is the reference's dequantized
 attention up to accumulation order.
@@ -54,6 +56,8 @@ Output rows that belong to no request are left unwritten.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -125,6 +129,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, ONE_TILE_PER_REQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
@@ -149,6 +154,8 @@ def _paged_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=row_ok[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    if FP16_DOT:  # bf16 queries over an FP8 cache: e4m3 -> fp16 is one instruction
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     # Keys this tile can see: up to its last query's position (none for a padded request),
     # from its first query's window on.
@@ -216,16 +223,32 @@ def _combine_splits_kernel(
              out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def _launch_config(head_dim: int, block_m: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages): one K and one V tile of 16 KiB each in bf16.
+class AttentionTiles(NamedTuple):
+    """A launch's settings: KV positions per tile, warps and pipeline stages of a program, and
+    whether an FP8 cache under bf16 queries is multiplied in fp16 (q rounded to fp16, exact
+    within its range; e4m3 -> fp16 is one instruction, e4m3 -> bf16 several)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    fp16_dot: bool = False
+
+
+def choose_tiles(head_dim: int, block_m: int, fp8_cache: bool, q_dtype: torch.dtype
+                 ) -> AttentionTiles:
+    """One K and one V tile of 16 KiB each in bf16; an FP8 cache takes tiles of twice the
+    positions (the same bytes). On an H200 (``benchmarks/bench_attention.py --fp8``, Qwen3-0.6B
+    heads) that gave decodes over an FP8 cache 0.73-0.95x the bf16 cache's time, and prompt
+    chunks 0.79-0.88x, where the bf16 cache's tiles gave 0.91-1.20x and 1.08-1.11x.
 
     Checked by compiling for sm_90 (ptxas): no register spills for head_dim 64-256 at these
     settings (fp32 only with block_m 16, see triton_backend).
     """
-    block_n = 64 if head_dim <= 128 else 32
+    block_n = (64 if head_dim <= 128 else 32) * (2 if fp8_cache else 1)
     num_warps = 8 if block_m >= 128 else 4
     num_stages = 2 if block_m >= 128 else 3
-    return block_n, num_warps, num_stages
+    return AttentionTiles(block_n, num_warps, num_stages,
+                          fp16_dot=fp8_cache and q_dtype == torch.bfloat16)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
@@ -233,7 +256,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, *, block_m: int,
                            tile_map: torch.Tensor | None, num_splits: int = 1,
                            sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, tiles: AttentionTiles | None = None
+                           ) -> torch.Tensor:
     """Attention of a step's queries over the paged cache (the step's K/V already written).
 
     q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] in q's dtype.
@@ -244,7 +268,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     scores are capped to ``softcap * tanh(score / softcap)``. A float8_e4m3fn cache holds
     k / k_scale and v / v_scale: its values are upcast to q's dtype, k_scale multiplies the
     score scale and v_scale the output (other caches: q's dtype, the scales are ignored).
-    Rows of tokens that belong to no request are left unwritten. Never synchronizes.
+    ``tiles``: None for ``choose_tiles`` (benchmarks set them). Rows of tokens that belong to
+    no request are left unwritten. Never synchronizes.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
@@ -264,7 +289,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     num_tiles = num_reqs if tile_map is None else tile_map.shape[0]
     if num_tokens == 0 or num_tiles == 0:
         return out
-    block_n, num_warps, num_stages = _launch_config(head_dim, block_m)
+    block_n, num_warps, num_stages, fp16_dot = tiles or choose_tiles(head_dim, block_m, fp8,
+                                                                     q.dtype)
     if num_splits > 1:
         part_shape = (num_splits, num_tokens, num_heads)
         m_part = torch.empty(part_shape, dtype=torch.float32, device=q.device)
@@ -287,6 +313,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
         ONE_TILE_PER_REQ=tile_map is None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         USE_WINDOW=sliding_window > 0, USE_SOFTCAP=softcap > 0,
+        FP16_DOT=fp8 and fp16_dot and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

@@ -16,6 +16,7 @@ from pagedllm.attention.torch_backend import (  # noqa: E402
 )
 from pagedllm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from pagedllm.kernels.kv_cache_write import write_kv_triton  # noqa: E402
+from pagedllm.kernels.paged_attention import AttentionTiles  # noqa: E402
 from pagedllm.layers.quantization.fp8 import FP8_DTYPE, quantize  # noqa: E402
 from tests.kernels.test_paged_attention import (  # noqa: E402
     DECODES,
@@ -80,13 +81,15 @@ def test_mixed_step_matches_reference(dtype: torch.dtype, num_splits: int, group
     assert_matches(out, expected)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_padded_decode_step_matches_reference(num_splits: int) -> None:
+@pytest.mark.parametrize("num_splits,fp16_dot", [(1, True), (4, True), (1, False)])
+def test_padded_decode_step_matches_reference(num_splits: int, fp16_dot: bool) -> None:
+    """Both products of an FP8 cache under bf16 queries: in fp16 (the default) and in bf16."""
     step = fp8_step(DECODES, torch.bfloat16, seed=3, block_size=32, group=8, head_dim=128,
                     pad_tokens=2)
     cache, expected = fp8_reference(step, 0.09)
+    tiles = AttentionTiles(128, 4, 3, fp16_dot=fp16_dot)
     out = run_kernel(step, cache, 0.09, block_m=16, num_splits=num_splits,
-                     one_tile_per_req=True, k_scale=K_SCALE, v_scale=V_SCALE)
+                     one_tile_per_req=True, k_scale=K_SCALE, v_scale=V_SCALE, tiles=tiles)
     assert_matches(out, expected)
 
 
