@@ -1,10 +1,14 @@
 """pagedllm's server vs. its peers on the same `bench serve` workload, in one run.
 
-    python benchmarks/peers.py [--llama-cpp-python /path/to/venv/bin/python] [--num-prompts 32]
+    python benchmarks/peers.py [--llama-server /path/to/llama-server]
+        [--llama-cpp-python /path/to/venv/bin/python] [--num-prompts 32]
 
 Peers (optional; none is a dependency of pagedllm):
-- llama.cpp's OpenAI server (``llama-cpp-python[server]``, built from PyPI, run with the Python
-  given by ``--llama-cpp-python``) serving the same SmolLM2 GGUF file;
+- llama.cpp's own server (``llama-server``, built from llama.cpp's sources: the copy vendored in
+  llama-cpp-python's PyPI sdist builds with cmake), given by ``--llama-server``, with one slot
+  per concurrent client and continuous batching, serving the same SmolLM2 GGUF file;
+- llama-cpp-python's OpenAI server (``llama-cpp-python[server]``, built from PyPI, run with the
+  Python given by ``--llama-cpp-python``), which serves one request at a time;
 - transformers' offline ``generate`` over the same prompts (a minimal reference, batched).
 Every server gets the same random-text prompts through pagedllm's load client, with
 ``--max-concurrency`` clients; output tokens come from each server's usage counts.
@@ -62,6 +66,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--llama-cpp-python", default=None,
                         help="Python with llama-cpp-python[server] installed.")
+    parser.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="llama.cpp's threads (pagedllm: torch's default)")
     args = parser.parse_args()
     from pagedllm.models.loader import resolve_model
 
@@ -74,6 +81,14 @@ def main() -> None:
                          str(port), "--max-model-len", "2048", "--kv-cache-memory-bytes",
                          str(1 << 30)], port, requests, args.concurrency)
     rows.append(("pagedllm serve", m))
+    if args.llama_server:
+        port = free_port()
+        slots = args.concurrency
+        m = serve_and_bench([args.llama_server, "-m", gguf, "--port", str(port), "-t",
+                             str(args.threads), "-np", str(slots), "-cb", "--no-webui", "-c",
+                             str(slots * (args.input_len + args.output_len + 64))],
+                            port, requests, args.concurrency)
+        rows.append((f"llama.cpp llama-server (-np {slots}, -t {args.threads})", m))
     if args.llama_cpp_python:
         port = free_port()
         m = serve_and_bench([args.llama_cpp_python, "-m", "llama_cpp.server", "--model", gguf,

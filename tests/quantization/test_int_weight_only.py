@@ -18,6 +18,7 @@ from pagedllm.layers.quantization.int_weight_only import (
     bf16_linear,
     dequantize_int4,
     dequantize_int8,
+    dequantize_int8_bf16,
     int4_linear,
     int4_linear_ref,
     int8_as_int4_pair,
@@ -79,6 +80,16 @@ def test_bf16_gemm_matches_dequantized_product(method: str, rows: int) -> None:
     x16 = x.to(torch.bfloat16).float()
     bound = 2.0**-9 * (x16.abs() @ dequantized.abs().t()) + 2.0**-8 * (expected - bias).abs()
     assert ((out - expected).abs() <= bound + 1e-6).all()
+
+
+def test_bf16_dequantization_of_int8_is_the_float32_one_rounded() -> None:
+    """The int8 layers' bfloat16 copy, computed in bfloat16, has the bits of the float32
+    dequantization rounded once (every int8 value, scales of many magnitudes)."""
+    q = torch.arange(-127, 128, dtype=torch.int8).repeat(40, 1)
+    scale = (torch.rand(40, generator=_gen(3)) * 10.0 ** torch.arange(-6, 4).repeat(4)).to(
+        torch.bfloat16)
+    assert torch.equal(dequantize_int8_bf16(q, scale),
+                       dequantize_int8(q, scale).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("inputs", [64, 96, 576])  # groups of 64, 32, 64

@@ -86,6 +86,12 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float().mul_(scale.float()[:, None])
 
 
+def dequantize_int8_bf16(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``dequantize_int8`` rounded to bfloat16, computed in bfloat16: the same bits (the int8
+    values are exact in bfloat16, and one product rounds once either way), 3x faster."""
+    return q.to(_KERNEL_DTYPE) * scale[:, None]
+
+
 # A decode step makes ~120 of these products, so the 2-D case (every linear layer's) skips
 # the reshapes: each Python-level call costs about as much as a 576x576 product's arithmetic.
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -143,9 +149,9 @@ def int8_as_int4_pair(q: torch.Tensor, scale: torch.Tensor,
     group = next((g for g in (256, 128, 64, 32) if k % g == 0), None)
     if group is None:
         raise ValueError(f"an int4 pair needs a multiple of 32 inputs, got {k}")
-    q = q.to(torch.int32)
-    hi = q.div(16, rounding_mode="floor")
-    q4 = torch.cat([hi + 8, q - 16 * hi])  # [2N, K] in 0..15
+    # on the int8 values (4x fewer bytes than int32, ~3x faster at start-up): an arithmetic
+    # shift is the floor division, the low four bits of two's complement are the remainder
+    q4 = torch.cat([(q >> 4) + 8, q & 15]).to(torch.int32)  # [2N, K] in 0..15
     s = scale.float()
     scales = torch.cat([16 * s, s]).to(_KERNEL_DTYPE)
     zeros = torch.cat([torch.zeros_like(s), 8 * s]).to(_KERNEL_DTYPE)
@@ -223,7 +229,7 @@ class Int8LinearMethod(LinearMethod):
                              f"on {layer.weight.device} (on a GPU, use fp8)")
         q, scale = quantize_int8(layer.weight.data)
         _replace_weight(layer, weight_int8=q, weight_scale=scale,
-                        weight_bf16=dequantize_int8(q, scale).to(_KERNEL_DTYPE))
+                        weight_bf16=dequantize_int8_bf16(q, scale))
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
@@ -253,7 +259,7 @@ class Int8LMHeadMethod(Int8LinearMethod):
         q, scale = quantize_int8(layer.weight.data)
         packed, scale_and_zero, layer.pair_group = int8_as_int4_pair(q, scale)
         _replace_weight(layer, weight_int4_pair=packed, pair_scale_and_zero=scale_and_zero,
-                        weight_bf16=dequantize_int8(q, scale).to(_KERNEL_DTYPE))
+                        weight_bf16=dequantize_int8_bf16(q, scale))
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
