@@ -118,8 +118,9 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
                          * arch.hidden_size, dtype)
     weights = memory.loaded_weight_bytes(model)
     per_rank = f" per rank, {tp.size} ranks" if tp.size > 1 else ""
-    logger.info("Loaded %s (%s, %.2f GiB of weights%s, %s on %s) in %.1f s", source.name,
-                arch.architecture, weights / 2**30, per_rank, dtype, device,
+    quantized = f"{quant.method} linear layers, " if quant.method else ""
+    logger.info("Loaded %s (%s, %.2f GiB of weights%s, %s%s on %s) in %.1f s", source.name,
+                arch.architecture, weights / 2**30, per_rank, quantized, dtype, device,
                 time.perf_counter() - start)
     backend = get_attention_backend("triton" if device.type == "cuda" else "torch")
     runner = ModelRunner(model, arch, backend, config.cache.block_size, dtype, device, kv_dtype)
