@@ -8,14 +8,15 @@ their dtype and each weight tile is upcast in registers (exact: e4m3 fits in bf1
 
 Two kernels. One row (a batch-1 decode) takes ``_fp8_weight_gemv_kernel``: each program owns
 ``BLOCK_N`` output channels (2 to 8, fewer for bigger matrices) and walks the inner dimension
-``BLOCK_K`` (1024 or 2048) bytes of each at a time, multiplying in fp32 registers; each thread keeps its own partial sums and the
-threads reduce once at the end, so the loop is loads and FMAs only. Two to 16 rows take
-``_fp8_weight_gemm_kernel``: ``tl.dot`` of the activations ``[16, BLOCK_K]`` with the upcast
-weight tile ``[BLOCK_K, BLOCK_N]`` (32 x 128), fp32 accumulators. Either may split the inner
+``BLOCK_K`` (1024 or 2048) bytes of each at a time, multiplying in fp32 registers; each thread
+keeps its own partial sums and the threads reduce once at the end, so the loop is loads and
+FMAs only. Two to 16 rows take ``_fp8_weight_gemm_kernel``: ``tl.dot`` of the activations
+``[16, BLOCK_K]`` with the upcast weight tile ``[BLOCK_K, BLOCK_N]`` (32 x 128), fp32
+accumulators. Either may split the inner
 dimension into ``SPLIT_K`` slices (the MMA kernel does for narrow layers, to give every SM
 enough programs), whose fp32 partials ``_sum_splits_kernel`` then sums, scales, biases and
 rounds (without a split the main kernel does that). The tiles are the best of a sweep on an H200
-(``benchmarks/bench_fp8_gemm.py``, the 8B and 0.6B shapes): the GEMV reads 2.8-3.5 TB/s of
+(``benchmarks/bench_fp8_gemm.py``, the 8B and 0.6B shapes): the GEMV reads 3.0-3.4 TB/s of
 FP8 weight on the 8B layers, the MMA kernel at 16 rows 1.8-2.7 TB/s, against 1.6-2.8 TB/s for
 the first, untuned MMA tiling at one row. The grid depends on the weight's shape only, so a
 launch can be captured in a CUDA graph for its row count.

@@ -32,7 +32,8 @@ Tile sizes (chosen on the host, see ``triton_backend.choose_block_m``). A decode
 ``BLOCK_M = 16``, the smallest MMA height: decode is bound by reading KV, and a taller tile would
 only add softmax work on empty rows. Prompt chunks use 64 or 128 rows, which Triton lowers to
 Hopper warpgroup MMAs (wgmma) and which amortise each KV tile over many queries. ``BLOCK_N = 64``
-(32 for head_dim > 128) keeps one K and one V tile at 16 KiB each (bf16, head_dim 128); the loop
+(32 for head_dim > 128; twice that over an FP8 cache) keeps one K and one V tile at 16 KiB each
+(bf16, head_dim 128); the loop
 is software-pipelined, with the block-table lookup one stage ahead of the K/V copies.
 
 Which programs exist. With ``ONE_TILE_PER_REQ`` (every request has at most ``BLOCK_Q`` new
@@ -241,8 +242,9 @@ def choose_tiles(head_dim: int, block_m: int, fp8_cache: bool, q_dtype: torch.dt
     heads) that gave decodes over an FP8 cache 0.73-0.95x the bf16 cache's time, and prompt
     chunks 0.79-0.88x, where the bf16 cache's tiles gave 0.91-1.20x and 1.08-1.11x.
 
-    Checked by compiling for sm_90 (ptxas): no register spills for head_dim 64-256 at these
-    settings (fp32 only with block_m 16, see triton_backend).
+    The bf16 settings were checked by compiling for sm_90 (ptxas): no register spills for
+    head_dim 64-256 (fp32 only with block_m 16, see triton_backend); the FP8 ones were measured,
+    not checked for spills.
     """
     block_n = (64 if head_dim <= 128 else 32) * (2 if fp8_cache else 1)
     num_warps = 8 if block_m >= 128 else 4
@@ -266,7 +268,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor,
     ``num_splits`` > 1 splits each request's context into that many slices plus a combine pass.
     ``sliding_window`` > 0: a query at position p sees keys in (p - window, p]; ``softcap`` > 0:
     scores are capped to ``softcap * tanh(score / softcap)``. A float8_e4m3fn cache holds
-    k / k_scale and v / v_scale: its values are upcast to q's dtype, k_scale multiplies the
+    k / k_scale and v / v_scale: its values are upcast (to q's dtype, or to fp16 under bf16
+    queries, see ``AttentionTiles``), k_scale multiplies the
     score scale and v_scale the output (other caches: q's dtype, the scales are ignored).
     ``tiles``: None for ``choose_tiles`` (benchmarks set them). Rows of tokens that belong to
     no request are left unwritten. Never synchronizes.
