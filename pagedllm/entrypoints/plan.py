@@ -18,6 +18,7 @@ from typing import Any
 from pagedllm.config import EngineConfig, add_engine_args, engine_kwargs_from_args
 from pagedllm.layers.quantization.checkpoint import checkpoint_quantization, resolve_quantization
 from pagedllm.layers.quantization.fp8 import FP8_KV_CACHE_DTYPES
+from pagedllm.layers.quantization.int_weight_only import serve_default_quantization
 from pagedllm.models.arch import ModelArch
 from pagedllm.multimodal.image_processor import ImageProcessorConfig
 from pagedllm.multimodal.image_tokens import VISION_WRAPPER_TOKENS, parse_image_size
@@ -40,6 +41,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs_from_args(args)
+    if quantization := serve_default_quantization(kwargs):  # what `serve` would run
+        kwargs["quantization"] = quantization
     config, preprocessor, name = _load_model_config(kwargs.get("model"))
     images = [parse_image_size(s) for s in args.image_size]
     report = {"model": name, **build_plan(ModelArch.from_hf_config(config), config, kwargs,
@@ -210,6 +213,9 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
         errors.append(str(err))
         tp = 1
     weight_bytes = mem.weight_bytes_by_dtype(arch, vision_params, tp)
+    if device == "cpu":  # the CPU's integer methods keep a bfloat16 copy beside the integers
+        weight_bytes.update({m: mem.cpu_int_weight_bytes(arch, m, s.dtype, vision_params, tp)
+                             for m in ("int8", "int4")})
     weight_format = _weight_format(arch, config, kwargs, s.dtype, errors)
     arch = arch.rank_view(tp)
     memory = _memory(arch, s, weight_bytes[weight_format], total, free, warnings, errors)
@@ -319,6 +325,14 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+_WEIGHT_NOTES = {  # the lines under the weights', by "on the CPU"
+    False: ["(fp8/int8/int4: the linear layers quantized, the rest in 16 bits)"],
+    True: ["(fp8: the linear layers quantized, the rest in 16 bits; int8/int4: the linear layers",
+           " in integers and in bfloat16, the LM head in int8 and in bfloat16, the rest in the "
+           "model dtype)"],
+}
+
+
 def render_table(r: dict[str, Any]) -> str:
     """The plan as aligned text sections."""
     m, kv, b = r["memory"], r["kv_cache"], r["batching"]
@@ -329,7 +343,7 @@ def render_table(r: dict[str, Any]) -> str:
     lines = [f"{r['model']}  {r['architecture']}  on {r['device']}, {r['dtype']}{per_rank}", "",
              f"Parameters: {params}", "Weights:   " + "  ".join(
                  f"{k} {_gib(v)}" for k, v in r["weight_bytes"].items()),
-             "           (fp8/int8/int4: the linear layers quantized, the rest in 16 bits)",
+             *("           " + line for line in _WEIGHT_NOTES[r["device"] == "cpu"]),
              f"KV cache per token: {r['kv_bytes_per_token']:,} B   per block of "
              f"{r['block_size']}: {r['kv_bytes_per_block']:,} B   ({r['kv_cache_dtype']})", "",
              "Memory budget:"]

@@ -137,6 +137,34 @@ def weight_bytes_by_dtype(arch: ModelArch, vision_params: int = 0,
     return out
 
 
+def cpu_int_weight_bytes(arch: ModelArch, method: str, dtype: str | torch.dtype,
+                         vision_params: int = 0, tp_size: int = 1) -> int:
+    """What ``--quantization int4``/``int8`` hold on the CPU (layers/quantization/
+    int_weight_only.py): each decoder linear weight in integers (int4: half a byte plus a bf16
+    scale and zero per 32; int8: a byte plus a bf16 scale per row) and again in bfloat16 for
+    many-row products; the LM head's int8 values as an int4 pair (a byte a weight, scale and
+    zero per group) plus a bfloat16 copy; everything else (the embedding, tied or not, norms,
+    fused experts, the vision tower) in the model dtype."""
+    from pagedllm.layers.quantization.int_weight_only import INT4_GROUP, pair_group
+
+    p = rank_parameters(arch, tp_size)
+    arch = arch.rank_view(tp_size)
+    experts = _expert_parameters(arch)
+    linear = p.linear - experts
+    if method == "int4":
+        quantized = linear // 2 + linear * 4 // INT4_GROUP
+    elif method == "int8":
+        quantized = linear + 2 * linear_output_rows(arch)
+    else:
+        raise ValueError(f"{method!r} is not a CPU integer method (int4, int8)")
+    k = arch.hidden_size
+    rows = p.embedding // k
+    group = pair_group(k)
+    head = rows * k + (8 * rows * k // group if group else 2 * rows)  # pair, or the int8 kernel
+    kept = (p.total - linear - p.lm_head + vision_params) * dtype_bytes(dtype)
+    return quantized + 2 * linear + head + 2 * rows * k + kept
+
+
 def linear_output_rows(arch: ModelArch) -> int:
     """Output channels of the decoder's linear layers that ``--quantization fp8`` quantizes
     (each has one per-channel scale): attention and dense MLPs, not the fused experts."""

@@ -121,6 +121,19 @@ def test_cpu_plan_uses_float32_and_the_given_cache(capsys: pytest.CaptureFixture
     assert r["memory"]["cuda_graph_bytes"] == 0
 
 
+@pytest.mark.parametrize(("flags", "weights"), [([], "int4"), (["--dtype", "float32"], "float32")])
+def test_cpu_plan_of_the_default_gguf_takes_serves_default(
+        capsys: pytest.CaptureFixture, flags: list[str], weights: str) -> None:
+    """As `serve` does, the plan runs the default Q4_1 GGUF in int4 on the CPU unless told
+    otherwise, and budgets int4's bfloat16 copies (tests/quantization checks the byte count
+    against a loaded model)."""
+    assert cli.main(["plan", "--device", "cpu", *flags, "--format", "json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["weight_format"] == weights
+    assert r["memory"]["weight_bytes"] == r["weight_bytes"][weights]
+    assert r["weight_bytes"]["int4"] > r["weight_bytes"]["bfloat16"]  # integers + bf16 copy
+
+
 def test_cuda_without_a_gpu_asks_for_its_size(capsys: pytest.CaptureFixture) -> None:
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -212,3 +212,17 @@ def test_serve_keeps_the_default_gguf_in_4_bits_on_the_cpu(flags: dict, expected
     from pagedllm.layers.quantization.int_weight_only import serve_default_quantization
 
     assert serve_default_quantization(flags) == expected
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_memory_plan_counts_what_the_cpu_methods_hold(method: str) -> None:
+    """``memory.cpu_int_weight_bytes`` (what `pagedllm plan` budgets for int4/int8 on the CPU)
+    is the loaded model's own byte count: integers, scales, bfloat16 copies, the LM head's pair
+    and the float32 embedding."""
+    from pagedllm import LLM
+    from pagedllm.worker import memory
+
+    llm = LLM(quantization=method, kv_cache_memory_bytes=16 * 2**20, max_model_len=128)
+    runner = llm.engine.core.runner
+    assert memory.cpu_int_weight_bytes(runner.arch, method, torch.float32) == \
+        memory.loaded_weight_bytes(runner.model)

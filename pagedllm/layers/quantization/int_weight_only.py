@@ -136,6 +136,12 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return _finish(out.to(_KERNEL_DTYPE), x, bias)
 
 
+def pair_group(k: int) -> int | None:
+    """The group size of ``int8_as_int4_pair`` for ``k`` inputs: the largest the kernel takes
+    that divides k (the scale is per row, so any group serves); None below 32."""
+    return next((g for g in (256, 128, 64, 32) if k % g == 0), None)
+
+
 def int8_as_int4_pair(q: torch.Tensor, scale: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """An int8 weight (q [N, K], per-row scale [N] bfloat16) as an int4 one of 2N rows, for
@@ -146,7 +152,7 @@ def int8_as_int4_pair(q: torch.Tensor, scale: torch.Tensor,
     z4 = 8 scale: scale times powers of two, exact in bfloat16, so the two rows' products add
     up to the int8 row's. The scale is per row, so g is the largest group size K allows."""
     n, k = q.shape
-    group = next((g for g in (256, 128, 64, 32) if k % g == 0), None)
+    group = pair_group(k)
     if group is None:
         raise ValueError(f"an int4 pair needs a multiple of 32 inputs, got {k}")
     # on the int8 values (4x fewer bytes than int32, ~3x faster at start-up): an arithmetic
