@@ -24,6 +24,7 @@ from pagedllm.layers.quantization import create_quantized_weights, quantize_mode
 from pagedllm.layers.quantization.checkpoint import LoadQuantization, resolve_quantization
 from pagedllm.layers.quantization.fp8 import kv_cache_dtype
 from pagedllm.models.arch import ModelArch
+from pagedllm.models.loader.gguf import gguf_linear_weights_are_q4_1
 from pagedllm.models.loader.source import ModelSource, iter_weights, load_hf_config, resolve_model
 from pagedllm.models.registry import model_class
 from pagedllm.multimodal.image_processor import ImageProcessorConfig, process_image
@@ -69,6 +70,13 @@ def resolve_engine_args(kwargs: dict[str, Any],
     arch.check_tensor_parallel(config.parallel.tensor_parallel_size)
     quant = resolve_quantization(hf_config, config.model.quantization, config.model.load_format,
                                  arch.moe is not None)
+    if quant == LoadQuantization("int4", False) and source.kind == "gguf" and \
+            arch.moe is None and config.model.load_format != "dummy" and \
+            config.parallel.tensor_parallel_size == 1 and \
+            gguf_linear_weights_are_q4_1(source.path):
+        # the file's Q4_1 blocks are int4's own values: loaded as they are, no float32 copy
+        # (every 2-D decoder weight is then a linear layer's)
+        quant = LoadQuantization("int4", True)
     return source, arch, config, quant
 
 
@@ -225,7 +233,7 @@ def load_model(source: ModelSource, arch: ModelArch, config: EngineConfig,
     if config.model.load_format == "dummy":
         init_dummy_weights(model)
     else:
-        model.load_weights(iter_weights(source, dtype))
+        model.load_weights(iter_weights(source, dtype, keep_q4_1=quant.prequantized))
     quantize_model(model, quant.method)
     return model.eval()
 

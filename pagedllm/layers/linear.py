@@ -86,7 +86,10 @@ class RowParallelLinear(LinearBase):
                                       self._load_bias) if bias else None
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
-        param.data.copy_(loaded.narrow(1, self.tp_rank * self.shard, self.shard))
+        # this rank's columns, counted in the parameter's own units (elements, or the bytes of
+        # the quantized blocks an int4 layer loads: Int4LinearMethod.create_weights)
+        width = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.tp_rank * width, width))
 
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         param.data.copy_(loaded)

@@ -161,6 +161,32 @@ def test_q4_1_blocks_requantize_to_their_own_values() -> None:
     assert (err <= bound).all()
 
 
+def test_default_gguf_loads_its_q4_1_blocks_as_requantizing_would() -> None:
+    """`--quantization int4` on the default GGUF (all its linear weights Q4_1) loads the raw
+    blocks (no float32 copy, no requantization) and ends with the very tensors requantizing
+    the float32 reference's weights gives, in every layer."""
+    from pagedllm import LLM
+    from pagedllm.engine.builder import resolve_engine_args
+    from pagedllm.layers.linear import LinearBase
+    from pagedllm.layers.quantization.checkpoint import LoadQuantization
+
+    kwargs = dict(kv_cache_memory_bytes=16 * 2**20, max_model_len=128)
+    assert resolve_engine_args({"quantization": "int4", **kwargs})[3] == \
+        LoadQuantization("int4", prequantized=True)
+    quantized, reference = LLM(quantization="int4", **kwargs), LLM(**kwargs)
+    layers = {name: m for name, m in reference.engine.core.runner.model.named_modules()
+              if isinstance(m, LinearBase)}
+    checked = 0
+    for name, layer in quantized.engine.core.runner.model.named_modules():
+        if isinstance(layer, LinearBase):
+            q, scale_and_zero = quantize_int4(layers[name].weight.data)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            assert torch.equal(layer.weight_int4, packed), name
+            assert torch.equal(layer.scale_and_zero, scale_and_zero), name
+            checked += 1
+    assert checked == len(layers) == 120
+
+
 @pytest.mark.parametrize("method", ["int4", "int8"])
 def test_quantized_layers_and_lm_head_stay_close(method: str) -> None:
     torch.manual_seed(0)

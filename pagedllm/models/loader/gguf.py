@@ -191,41 +191,49 @@ def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *tail).swapaxes(1, 2).reshape(weight.shape)
 
 
-_Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit q each, for 32 weights
+Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of two 4-bit q each, for 32 weights
+
+
+def split_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 [rows, blocks * 20] Q4_1 blocks -> (q uint8 [rows, blocks, 32] in 0..15, d and m
+    float32 [rows, blocks, 1]) with w = d q + m: the low nibbles first (weights 0..15 of a
+    block), then the high ones (16..31)."""
+    blocks = blocks.view(blocks.shape[0], -1, Q4_1_BLOCK_BYTES)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float()
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float()
+    packed = blocks[..., 4:]
+    return torch.cat([packed & 15, packed >> 4], dim=-1), d, m
 
 
 def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
-    """uint8 [rows, blocks * 20] Q4_1 blocks -> float32 [rows, blocks * 32]: w = d q + m, the
-    low nibbles first (weights 0..15 of a block), then the high ones (16..31). The same values
+    """uint8 [rows, blocks * 20] Q4_1 blocks -> float32 [rows, blocks * 32]. The same values
     as ``gguf.quants.dequantize`` at ~2.5x its speed (torch vectorizes the nibbles), for the
     default model's 210 Q4_1 matrices: ~0.15 s of start-up instead of ~0.4 s (one thread)."""
-    rows = data.shape[0]
-    blocks = torch.from_numpy(np.array(data)).view(rows, -1, _Q4_1_BLOCK_BYTES)
-    d = blocks[..., 0:2].contiguous().view(torch.float16).float()  # [rows, blocks, 1]
-    m = blocks[..., 2:4].contiguous().view(torch.float16).float()
-    packed = blocks[..., 4:]
-    q = torch.cat([packed & 15, packed >> 4], dim=-1)  # [rows, blocks, 32]
-    return torch.addcmul(m, q.float(), d).reshape(rows, -1).numpy()
+    q, d, m = split_q4_1(torch.from_numpy(np.array(data)))
+    return torch.addcmul(m, q.float(), d).reshape(data.shape[0], -1).numpy()
 
 
-def _dequantize(tensor: GGUFTensor) -> np.ndarray:
+def _dequantize(tensor: GGUFTensor, keep_q4_1: bool = False) -> np.ndarray:
+    """float32 values of the ggml shape reversed ([out, in] for a linear weight); with
+    ``keep_q4_1``, a Q4_1 matrix as its raw blocks instead (uint8 [out, in / 32 * 20])."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    # The result's numpy shape is the ggml shape reversed: [out, in] for a linear weight.
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if tensor.tensor_type == GGMLQuantizationType.Q4_1:
+        if keep_q4_1 and len(shape) == 2:
+            return tensor.data
         return dequantize_q4_1(tensor.data).reshape(shape)
     array = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
     return np.asarray(array, dtype=np.float32).reshape(shape)
 
 
-def _load_one(tensor: GGUFTensor, arch: str, heads: int, kv_heads: int,
+def _load_one(tensor: GGUFTensor, arch: str, heads: int, kv_heads: int, keep_q4_1: bool,
               ) -> tuple[str | None, np.ndarray | None]:
     name = hf_name(tensor.name)
     if name is None:
         return None, None
-    array = _dequantize(tensor)
+    array = _dequantize(tensor, keep_q4_1 and tensor.name.startswith("blk."))  # not the head
     if arch == "llama" and ".self_attn.q_proj." in name:
         array = unpermute_rows(array, heads)
     elif arch == "llama" and ".self_attn.k_proj." in name:
@@ -235,9 +243,12 @@ def _load_one(tensor: GGUFTensor, arch: str, heads: int, kv_heads: int,
     return name, np.ascontiguousarray(array)
 
 
-def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32,
+def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32, keep_q4_1: bool = False,
                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every weight the model uses, dequantized to ``dtype``.
+    """(HF name, tensor) for every weight the model uses, dequantized to ``dtype``; with
+    ``keep_q4_1``, the decoder layers' Q4_1 matrices come as their raw blocks (uint8 rows, for
+    ``--quantization int4``, which holds them as they are: ``Int4LinearMethod.create_weights``;
+    the embedding and the LM head are dequantized as ever).
 
     numpy releases the GIL while dequantizing, so a few tensors are decoded ahead on threads;
     at most ``workers`` results wait in memory at once.
@@ -254,7 +265,7 @@ def iter_gguf_weights(path: str, dtype: torch.dtype = torch.float32,
     with ThreadPoolExecutor(workers) as pool, progress:
         pending: deque[Future[tuple[str | None, np.ndarray | None]]] = deque()
         for tensor in tensors:
-            pending.append(pool.submit(_load_one, tensor, arch, heads, kv_heads))
+            pending.append(pool.submit(_load_one, tensor, arch, heads, kv_heads, keep_q4_1))
             if len(pending) >= workers:
                 yield from _finish(pending.popleft(), dtype, progress)
         while pending:
@@ -266,4 +277,5 @@ def _finish(future: Future[tuple[str | None, np.ndarray | None]], dtype: torch.d
     name, array = future.result()
     progress.update(1)
     if name is not None and array is not None:
-        yield name, torch.from_numpy(array).to(dtype)
+        tensor = torch.from_numpy(array)
+        yield name, tensor if tensor.dtype == torch.uint8 else tensor.to(dtype)

@@ -97,13 +97,14 @@ def load_hf_config(source: ModelSource) -> dict[str, Any]:
 
 
 def iter_weights(source: ModelSource, dtype: torch.dtype = torch.float32,
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+                 keep_q4_1: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF parameter name, tensor with HF shape) for every weight of the model.
 
     ``lm_head.weight`` appears only when the output projection is not tied to the embeddings.
+    ``keep_q4_1``: a GGUF file's Q4_1 matrices come as their raw blocks (``iter_gguf_weights``).
     """
     if source.kind == "gguf":
-        yield from iter_gguf_weights(source.path, dtype)
+        yield from iter_gguf_weights(source.path, dtype, keep_q4_1)
         return
     tied = tie_word_embeddings(hf_config(source.path))
     yield from iter_hf_weights(source.path, dtype, skip_lm_head=tied)
