@@ -86,11 +86,7 @@ def decode_table(kv_cache: torch.Tensor) -> None:
             auto = choose_num_splits(batch * NUM_KV_HEADS, context, device_num_sms(DEV))
             q_batch, times = q[:batch], {}
             for splits in sorted(set(SPLITS) | {auto}):
-                times[splits] = graph_time_us([
-                    lambda md=md, s=splits, qb=q_batch: paged_attention_triton(
-                        qb, kv_cache, md.query_start_loc, md.seq_lens, md.block_tables,
-                        SCALE, block_m=block_m, tile_map=None, num_splits=s)
-                    for md in steps])
+                times[splits] = decode_us(q_batch, kv_cache, steps, block_m, splits, None)
             best = min(times, key=times.__getitem__)
             roof = nbytes / HBM_BYTES_PER_S * 1e6
             print(f"{batch:>5} {context:>5} {nbytes / 2**20:>7.1f} {auto:>5} {times[auto]:>8.1f} "
@@ -148,7 +144,8 @@ FP8_SWEEP = [AttentionTiles(*t) for t in itertools.product((64, 128), (4, 8), (2
 
 def decode_us(q: torch.Tensor, cache: torch.Tensor, steps: list[AttentionMetadata],
               block_m: int, splits: int, tiles: AttentionTiles | None) -> float:
-    """One decode launch per step's metadata, replayed in a CUDA graph: us per launch."""
+    """One decode launch per step's metadata, replayed in a CUDA graph: us per launch (the
+    scales apply to an FP8 cache only)."""
     return graph_time_us([
         lambda md=md: paged_attention_triton(
             q, cache, md.query_start_loc, md.seq_lens, md.block_tables, SCALE, block_m=block_m,

@@ -54,13 +54,24 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = weight.shape
     groups = weight.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
     low, high = groups.aminmax(dim=-1, keepdim=True)
-    scale = ((high - low) / 15).to(_KERNEL_DTYPE)
-    zero = (low + 8 * scale.float()).to(_KERNEL_DTYPE)
+    scale, zero = _int4_scale_zero((high - low) / 15, low)
     scale_f = scale.float().masked_fill(scale == 0, 1.0)  # a constant group: q = 8, w = zero
     # in place: this runs over every weight at start-up (~0.4 s for SmolLM2's 106 M)
     q = (groups - zero.float()).div_(scale_f).add_(8).round_().clamp_(0, 15).to(torch.int32)
-    scale_and_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
-    return q.reshape(n, k), scale_and_zero
+    return q.reshape(n, k), _scale_and_zero(scale, zero)
+
+
+def _int4_scale_zero(scale: torch.Tensor, low: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's float32 scale and lowest value [N, K / 32, 1] -> the kernel's bfloat16 scale
+    and zero (w = (q - 8) scale + zero): the scale rounded first, the zero from it."""
+    scale = scale.to(_KERNEL_DTYPE)
+    return scale, (low + 8 * scale.float()).to(_KERNEL_DTYPE)
+
+
+def _scale_and_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[N, K / 32, 1] each -> the kernel's scale_and_zero [K / 32, N, 2]."""
+    return torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
 
 
 def dequantize_int4(q: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
@@ -277,16 +288,13 @@ class Int8LMHeadMethod(Int8LinearMethod):
 
 def int4_from_q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GGUF Q4_1 blocks (uint8 [N, K / 32 * 20]) -> ``quantize_int4``'s (q [N, K] int32,
-    scale_and_zero [K / 32, N, 2] bfloat16) without going through floats: q as stored,
-    scale = d and zero = m + 8 scale, rounded as ``quantize_int4`` rounds them (so a block
-    whose q spans 0..15 gets the bits requantizing its dequantized values gives)."""
+    scale_and_zero [K / 32, N, 2] bfloat16) without going through floats: q as stored, the
+    scale d and the lowest value m rounded by ``quantize_int4``'s own ``_int4_scale_zero`` (so
+    a block whose q spans 0..15 gets the bits requantizing its dequantized values gives)."""
     from pagedllm.models.loader.gguf import split_q4_1
 
     q, d, m = split_q4_1(blocks)  # [N, K / 32, 32], [N, K / 32, 1] each
-    scale = d.to(_KERNEL_DTYPE)
-    zero = (m + 8 * scale.float()).to(_KERNEL_DTYPE)
-    scale_and_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
-    return q.reshape(q.shape[0], -1).to(torch.int32), scale_and_zero
+    return q.reshape(q.shape[0], -1).to(torch.int32), _scale_and_zero(*_int4_scale_zero(d, m))
 
 
 class Int4LinearMethod(LinearMethod):

@@ -160,8 +160,13 @@ def gguf_linear_weights_are_q4_1(path: str) -> bool:
     from gguf.constants import GGMLQuantizationType
 
     types = {GGMLQuantizationType(t.tensor_type) for t in gguf_reader(path).tensors
-             if t.name.startswith("blk.") and len(t.shape) == 2}
+             if _decoder_matrix(t)}
     return types == {GGMLQuantizationType.Q4_1}
+
+
+def _decoder_matrix(tensor: GGUFTensor) -> bool:
+    """A 2-D weight of a decoder layer (not the embedding's or the LM head's)."""
+    return tensor.name.startswith("blk.") and len(tensor.shape) == 2
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -215,15 +220,13 @@ def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
 
 def _dequantize(tensor: GGUFTensor, keep_q4_1: bool = False) -> np.ndarray:
     """float32 values of the ggml shape reversed ([out, in] for a linear weight); with
-    ``keep_q4_1``, a Q4_1 matrix as its raw blocks instead (uint8 [out, in / 32 * 20])."""
+    ``keep_q4_1``, a Q4_1 tensor as its raw blocks instead (uint8 [out, in / 32 * 20])."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape))
     if tensor.tensor_type == GGMLQuantizationType.Q4_1:
-        if keep_q4_1 and len(shape) == 2:
-            return tensor.data
-        return dequantize_q4_1(tensor.data).reshape(shape)
+        return tensor.data if keep_q4_1 else dequantize_q4_1(tensor.data).reshape(shape)
     array = dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))
     return np.asarray(array, dtype=np.float32).reshape(shape)
 
@@ -233,7 +236,7 @@ def _load_one(tensor: GGUFTensor, arch: str, heads: int, kv_heads: int, keep_q4_
     name = hf_name(tensor.name)
     if name is None:
         return None, None
-    array = _dequantize(tensor, keep_q4_1 and tensor.name.startswith("blk."))  # not the head
+    array = _dequantize(tensor, keep_q4_1 and _decoder_matrix(tensor))
     if arch == "llama" and ".self_attn.q_proj." in name:
         array = unpermute_rows(array, heads)
     elif arch == "llama" and ".self_attn.k_proj." in name:
