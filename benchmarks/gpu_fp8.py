@@ -20,6 +20,9 @@
 and fp8 weights, throughput only), profile-b1 (the fp8 8B batch-1 step under the profilers).
 ``--repeat N`` runs qwen-kv's and 8b-throughput's engines N times each, alternating the
 variants, and adds each variant's median (engines of one session differ by up to 30 %).
+8b-pairs builds the bf16 and fp8-weight engines once, side by side on the GPU, and runs N
+rounds (``--repeat``), each on a workload of its own seed, through both engines in turn (the
+first alternating): the pairs' ratios, free of the differences between fresh engines.
 
 A short table comes last. Engine logs go to stderr at WARNING, the table to stdout.
 """
@@ -43,10 +46,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bench import (  # noqa: E402
+    GpuSpans,
     Row,
     batch1_row,
     batch1_step_ms,
     copy_bandwidth,
+    make_llm,
     nano_vllm_workload,
     profile_decode,
     release,
@@ -55,7 +60,7 @@ from gpu_bench import (  # noqa: E402
 )
 
 from pagedllm import LLM, SamplingParams  # noqa: E402
-from pagedllm.benchmarks.throughput import Workload  # noqa: E402
+from pagedllm.benchmarks.throughput import Workload, run_pagedllm  # noqa: E402
 from pagedllm.layers.quantization import fp8  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +70,8 @@ TESTS = ["tests/kernels/test_fp8_quant.py", "tests/kernels/test_fp8_gemm.py",
          "tests/kernels/test_fp8_kv_cache.py", "tests/kernels/test_kv_cache_write.py",
          "tests/kernels/test_paged_attention.py::test_backend_writes_and_attends",
          "tests/kernels/test_paged_attention.py::test_padded_decode_step_without_tile_map",
-         "tests/quantization/test_fp8_linear.py", "tests/gpu/test_gpu_fp8.py"]
+         "tests/kernels/test_fp8_epilogue.py", "tests/quantization/test_fp8_linear.py",
+         "tests/gpu/test_gpu_fp8.py"]
 TESTS_TIMEOUT_S = 240
 POSITIONS = 32  # greedy positions compared
 VARIANTS = {"bf16": {}, "fp8 weights": {"quantization": "fp8"},
@@ -262,7 +268,40 @@ def llama_8b_throughput(bw: float, n: int, repeat: int) -> list[Row]:
                        {"bf16": {}, "fp8 weights": {"quantization": "fp8"}}, repeat, batch1=True)
 
 
-SECTIONS = ("tests", "8b", "scaled-mm", "qwen-kv", "8b-throughput", "profile-b1")
+def resident_pairs(config: str, variants: dict[str, dict], n: int, rounds: int,
+                   kv_bytes: int = 24 << 30) -> list[Row]:
+    """Every variant's engine built once and kept (``kv_bytes`` of KV cache each), then
+    ``rounds`` rounds: a workload of the round's seed through each engine in turn, the order
+    reversed every other round. A row per run, each round's ratio to the first variant, and
+    the median ratio."""
+    llms = {name: make_llm(config, max_num_seqs=256, max_model_len=4096,
+                           kv_cache_memory_bytes=kv_bytes, **args)
+            for name, args in variants.items()}
+    names = list(llms)
+    for llm in llms.values():  # compiles and first launches
+        run_pagedllm(llm, sharegpt_like_workload(8, seed=99))
+    rows: list[Row] = []
+    ratios: list[float] = []
+    for i in range(rounds):
+        workload = sharegpt_like_workload(n, seed=1000 + i)  # no prefix shared across rounds
+        tps = {}
+        for name in names if i % 2 == 0 else names[::-1]:
+            with GpuSpans(llms[name]) as spans:
+                result = run_pagedllm(llms[name], workload)
+            print(f"round {i + 1} {name}: {spans.summary(result.seconds)}", flush=True)
+            tps[name] = result.output_tokens_per_s
+        for name in names:
+            rows.append(Row(f"{config} {name}: round {i + 1}", tps[name], "tok/s"))
+        ratios.append(tps[names[1]] / tps[names[0]])
+        rows.append(Row(f"  round {i + 1}: {names[1]} / {names[0]}", ratios[-1], "x"))
+    rows.append(Row(f"{config}: median of {rounds} rounds, {names[1]} / {names[0]}",
+                    statistics.median(ratios), "x", target="above 1"))
+    for llm in llms.values():
+        release(llm)
+    return rows
+
+
+SECTIONS = ("tests", "8b", "scaled-mm", "qwen-kv", "8b-throughput", "8b-pairs", "profile-b1")
 
 
 def main() -> None:
@@ -272,7 +311,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    only = set(args.only or [s for s in SECTIONS if s not in ("8b-throughput", "profile-b1")])
+    only = set(args.only or [s for s in SECTIONS
+                             if s not in ("8b-throughput", "8b-pairs", "profile-b1")])
     if args.skip_tests:
         only.discard("tests")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -287,7 +327,10 @@ def main() -> None:
         rows, accuracy = llama_8b(bw, n_8b, n_prompts)
     sections = {"scaled-mm": lambda: [scaled_mm_decode_row(bw)],
                 "qwen-kv": lambda: qwen_kv(bw, n_nano, args.repeat),
-                "8b-throughput": lambda: llama_8b_throughput(bw, n_8b, args.repeat)}
+                "8b-throughput": lambda: llama_8b_throughput(bw, n_8b, args.repeat),
+                "8b-pairs": lambda: resident_pairs(
+                    "llama-3.1-8b", {"bf16": {}, "fp8 weights": {"quantization": "fp8"}}, n_8b,
+                    args.repeat)}
     for name, section in sections.items():
         if name in only:
             try:

@@ -21,6 +21,28 @@ _BLOCK = 1024  # columns per iteration of each pass (rows longer than ONE_PASS_C
 ONE_PASS_COLS = 16384  # up to this many columns a row is held whole: 64 values a thread
 
 
+@triton.jit
+def quantize_block(x, fp8_max, min_scale):
+    """Each row of the fp32 block x [R, C] (padding 0) with its own scale: (the values to cast
+    to FP8, clamped; the scales [R]). IEEE divisions (div_rn), as torch's: a plain fp32 '/' may
+    be approximate on the GPU. Also the epilogue of the RMSNorm and SiLU-and-mul kernels when
+    their output feeds an FP8 product."""
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 1), fp8_max), min_scale)
+    inv = tl.math.div_rn(1.0, scale)
+    return tl.minimum(tl.maximum(x * inv[:, None], -fp8_max), fp8_max), scale
+
+
+@triton.jit
+def _quantize_row_once(x_row, out_row, scale_out, num_cols, fp8_max, min_scale,
+                       BLOCK: tl.constexpr):
+    """A row of at most BLOCK values, read once and held in registers."""
+    cols = tl.arange(0, BLOCK)[None, :]
+    x = tl.load(x_row + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
+    q, scale = quantize_block(x, fp8_max, min_scale)
+    tl.store(scale_out + tl.arange(0, 1), scale)
+    tl.store(out_row + cols, q.to(out_row.dtype.element_ty), mask=cols < num_cols)
+
+
 @triton.jit(do_not_specialize=["num_cols"])
 def _quantize_rows_kernel(
     x_ptr,  # [num_rows, num_cols], last dim contiguous
@@ -32,20 +54,14 @@ def _quantize_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     if ONE_PASS:  # BLOCK covers the row
-        cols = tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), fp8_max), min_scale)
-        tl.store(scale_ptr + row, scale)
-        q = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -fp8_max), fp8_max)
-        tl.store(out_ptr + row * num_cols + cols, q.to(out_ptr.dtype.element_ty),
-                 mask=cols < num_cols)
+        _quantize_row_once(x_row, out_ptr + row * num_cols, scale_ptr + row, num_cols, fp8_max,
+                           min_scale, BLOCK)
         return
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, num_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    # IEEE divisions (div_rn), as torch's: a plain fp32 '/' may be approximate on the GPU.
     scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), fp8_max), min_scale)
     tl.store(scale_ptr + row, scale)
     inv = tl.math.div_rn(1.0, scale)

@@ -15,6 +15,7 @@ from torch import nn
 
 from pagedllm.distributed.parallel_state import all_reduce, tp_rank, tp_size
 from pagedllm.layers.quantization import UNQUANTIZED, LinearMethod
+from pagedllm.layers.quantization.fp8 import Fp8Rows
 
 
 def set_weight_loader(param: nn.Parameter, fn) -> nn.Parameter:
@@ -33,7 +34,12 @@ class LinearBase(nn.Module):
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
         self.method: LinearMethod = UNQUANTIZED
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
+        """Whether the product quantizes x per token to FP8: the layer before may then hand it
+        ``Fp8Rows`` (``LinearMethod.takes_fp8_rows``)."""
+        return self.method.takes_fp8_rows(x)
+
+    def matmul(self, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
         return self.method.apply(self, x, bias)
 
 
@@ -67,7 +73,7 @@ class ColumnParallelLinear(LinearBase):
         piece = loaded.narrow(0, self.slice_index[shard_id] * size, size)
         param.data.narrow(0, offset, size).copy_(piece)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
 
@@ -94,7 +100,7 @@ class RowParallelLinear(LinearBase):
     def _load_bias(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         param.data.copy_(loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if self.tp_size == 1:
             return self.matmul(x, self.bias)
         y = all_reduce(self.matmul(x, None))  # the partial sums, then the bias once

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.layers import dispatch
+from pagedllm.layers.quantization.fp8 import Fp8Rows, fp8_rows
 
 
 class RMSNorm(nn.Module):
@@ -34,20 +35,34 @@ class RMSNorm(nn.Module):
 
         x: [T, N] or [T, heads, N] (q/k norm); the Triton path takes strided views of these.
         """
-        if dispatch.use_triton(x):
-            return self._triton(x, residual, self.weight)
+        return self._forward(x, residual, fp8=False)  # type: ignore[return-value]
+
+    def quantized(self, x: torch.Tensor, residual: torch.Tensor | None,
+                  ) -> tuple[Fp8Rows, torch.Tensor]:
+        """(norm(x + residual), x + residual) with the normalized rows [T, N] quantized per token
+        for the FP8 product they feed (``LinearBase.takes_fp8_rows``): on CUDA in the kernel's
+        epilogue (no quantizer launch, no pass over its input), else ``fp8_rows`` of the output.
+        Without a residual (the first layer) x is the stream returned."""
         if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+            return self._forward(x, None, fp8=True), x  # type: ignore[return-value]
+        return self._forward(x, residual, fp8=True)  # type: ignore[return-value]
+
+    def _forward(self, x: torch.Tensor, residual: torch.Tensor | None, fp8: bool,
+                 ) -> torch.Tensor | Fp8Rows | tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        if dispatch.use_triton(x):
+            return self._triton(x, residual, self.weight, fp8)
+        if residual is not None:
+            x = x + residual
+        out = fp8_rows(self._norm(x)) if fp8 else self._norm(x)
+        return out if residual is None else (out, x)
 
     def _triton(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                fp8: bool = False):  # noqa: ANN202 (as _forward)
         from pagedllm.kernels import rms_norm
 
         if residual is None:
-            return rms_norm.rms_norm_triton(x, weight, self.eps)
-        return rms_norm.add_rms_norm_triton(x, residual, weight, self.eps)
+            return rms_norm.rms_norm_triton(x, weight, self.eps, fp8)
+        return rms_norm.add_rms_norm_triton(x, residual, weight, self.eps, fp8)
 
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         """x / rms(x) in float32."""

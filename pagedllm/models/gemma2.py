@@ -17,7 +17,13 @@ from torch import nn
 
 from pagedllm.layers.norm import GemmaRMSNorm
 from pagedllm.models.arch import ModelArch
-from pagedllm.models.llama import DecoderAttention, DecoderForCausalLM, DecoderMLP, DecoderModel
+from pagedllm.models.llama import (
+    DecoderAttention,
+    DecoderForCausalLM,
+    DecoderMLP,
+    DecoderModel,
+    add_norm,
+)
 
 
 class Gemma2DecoderLayer(nn.Module):
@@ -35,10 +41,7 @@ class Gemma2DecoderLayer(nn.Module):
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``DecoderLayer.forward``: returns (the MLP branch after its norm, the residual
         stream before it), the add left to the next norm."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = add_norm(self.input_layernorm, x, residual, None)
         x = self.post_attention_layernorm(self.self_attn(x, cos_sin))
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual

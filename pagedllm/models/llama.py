@@ -17,8 +17,9 @@ from torch import nn
 from pagedllm.distributed.parallel_state import tp_size
 from pagedllm.layers.activation import gated_activation
 from pagedllm.layers.attention import Attention
-from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.linear import ColumnParallelLinear, LinearBase, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
+from pagedllm.layers.quantization.fp8 import Fp8Rows
 from pagedllm.layers.rotary import (
     MRotaryEmbedding,
     RotaryEmbedding,
@@ -56,7 +57,8 @@ class DecoderAttention(nn.Module):
                               arch.attention_scale, arch.sliding_window(layer_idx),
                               arch.attn_logit_softcap)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows,
+                cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         a = self.arch
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
@@ -80,8 +82,10 @@ class DecoderMLP(nn.Module):
         self.act = gated_activation(arch.hidden_act)
         self.down_proj = RowParallelLinear(inter, arch.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        return self.down_proj(self.act.quantized(h) if self.down_proj.takes_fp8_rows(h)
+                              else self.act(h))
 
 
 class DecoderLayer(nn.Module):
@@ -101,12 +105,22 @@ class DecoderLayer(nn.Module):
         """The residual stream is carried beside x, so each residual add is fused into the norm
         after it: returns (MLP output, residual before it), which the next layer's input norm (or
         the final norm) adds. ``residual`` is None at the first layer, whose x is the stream."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(x, cos_sin), residual)
-        return self.mlp(x), residual
+        h, residual = add_norm(self.input_layernorm, x, residual, self.self_attn.qkv_proj)
+        h, residual = add_norm(self.post_attention_layernorm, self.self_attn(h, cos_sin),
+                               residual, getattr(self.mlp, "gate_up_proj", None))
+        return self.mlp(h), residual
+
+
+def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+             consumer: nn.Module | None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+    """(norm(x + residual), x + residual), or (norm(x), x) without a residual; the normalized
+    rows come quantized (``Fp8Rows``) when ``consumer``, the linear layer they feed, multiplies in
+    FP8, so the norm's kernel does the quantizing."""
+    if isinstance(consumer, LinearBase) and consumer.takes_fp8_rows(x):
+        return norm.quantized(x, residual)
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
 
 
 class DecoderModel(nn.Module):

@@ -30,6 +30,11 @@ class LinearMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Repacks ``layer.weight`` once loading is done (the unquantized method keeps it)."""
 
+    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``apply`` quantizes x per token to FP8 (``fp8.Fp8Rows``): the kernel
+        before the layer may then hand over x quantized in its epilogue."""
+        return False
+
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)

@@ -18,6 +18,8 @@ head are not linear layers here and stay in the model dtype.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -63,30 +65,54 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_ref(x)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+class Fp8Rows(NamedTuple):
+    """Activations [M, K] already quantized per token (``quantize_rows``), handed to an FP8
+    product by the kernel before it (RMSNorm, SiLU-and-mul), which quantized in its epilogue."""
+
+    values: torch.Tensor  # [M, K] float8_e4m3fn
+    scale: torch.Tensor  # [M, 1] fp32
+    dtype: torch.dtype  # the activations' own dtype: the product's output
+
+
+def fp8_rows(x: torch.Tensor) -> Fp8Rows:
+    """x [M, K] quantized per token: the unfused form of a kernel's FP8 epilogue."""
+    return Fp8Rows(*quantize_rows(x), x.dtype)
+
+
+def quantizes_activations(x: torch.Tensor) -> bool:
+    """Whether ``fp8_linear`` quantizes x [..., K] per token (else, on a GPU at most
+    ``SMALL_M`` rows, the weight-only kernel takes x as it is)."""
+    return not (x.numel() <= SMALL_M * x.shape[-1] and dispatch.use_triton(x))
+
+
+def fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] (float) times an FP8 weight [N, K] with scales [1, N] -> [..., N] in x's dtype.
 
-    Activations are quantized per token; ``_scaled_mm`` takes the weight column-major (W^T
-    of a row-major W) and multiplies by the scales in fp32 before rounding to the output. On a
-    GPU, at most ``SMALL_M`` rows take the weight-only kernel instead (activations as they are:
-    ``fp8_weight_linear_ref``).
+    Activations are quantized per token (or come so: ``Fp8Rows``); ``_scaled_mm`` takes the
+    weight column-major (W^T of a row-major W) and multiplies by the scales in fp32 before
+    rounding to the output. On a GPU, at most ``SMALL_M`` rows take the weight-only kernel
+    instead (activations as they are: ``fp8_weight_linear_ref``).
     """
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= SMALL_M and dispatch.use_triton(x):
+    if isinstance(x, Fp8Rows):
+        xq, x_scale, dtype = x
+        lead = xq.shape[:-1]
+    elif not quantizes_activations(x):
         from pagedllm.kernels.fp8_gemm import fp8_weight_gemm_triton
 
-        out = fp8_weight_gemm_triton(rows, weight, weight_scale, bias)
+        out = fp8_weight_gemm_triton(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias)
         return out.reshape(*x.shape[:-1], weight.shape[0])
-    xq, x_scale = quantize_rows(rows)
+    else:
+        xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        dtype, lead = x.dtype, x.shape[:-1]
     # cuBLAS's row-wise scaled products write bf16 only (the CPU's write any float dtype).
-    out_dtype = torch.bfloat16 if x.is_cuda or x.dtype == torch.float16 else x.dtype
+    out_dtype = torch.bfloat16 if xq.is_cuda or dtype == torch.float16 else dtype
     fused_bias = bias is not None and bias.dtype == out_dtype
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale,
                            bias=bias if fused_bias else None, out_dtype=out_dtype)
     if bias is not None and not fused_bias:
         out = out + bias
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return out.to(dtype).reshape(*lead, weight.shape[0])
 
 
 def fp8_weight_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -140,7 +166,10 @@ class Fp8LinearMethod(LinearMethod):
             layer.weight = nn.Parameter(w, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale.reshape(1, -1).contiguous(), requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor,
+    def takes_fp8_rows(self, x: torch.Tensor) -> bool:
+        return quantizes_activations(x)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Rows,
               bias: torch.Tensor | None) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, bias)
 
