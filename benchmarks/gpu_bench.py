@@ -109,21 +109,28 @@ def make_llm(config: str, **kwargs) -> LLM:
 class GpuSpans:
     """Where a run's time goes: each step's launch is bracketed by CUDA events on the stream,
     so their sum is the GPU's span of the steps (kernels, and any gap the host leaves while
-    it queues a step); wall time minus it is the GPU idle between steps."""
+    it queues a step); wall time minus it is the GPU idle between steps. The host's time in
+    each launch is timed too, decode-only steps (replayed CUDA graphs) apart from steps with
+    prompt tokens (run eagerly): a GPU span no longer than the host's means the host bound it.
+    """
 
     def __init__(self, llm: LLM) -> None:
         self.runner = llm.engine.core.runner
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+        # (start, end, requests, host seconds in launch, decode-only)
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event, int, float, bool]] = []
 
     def __enter__(self) -> GpuSpans:
         launch = self.original = self.runner.launch
 
         def timed(sched, token_masks=None):  # noqa: ANN001, ANN202
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            host = time.perf_counter()
             start.record()
             out = launch(sched, token_masks)
             end.record()
-            self.events.append((start, end, len(sched.scheduled)))
+            decode = all(s.num_new_tokens == 1 for s in sched.scheduled)
+            self.events.append((start, end, len(sched.scheduled), time.perf_counter() - host,
+                                decode))
             return out
 
         self.runner.launch = timed
@@ -134,11 +141,19 @@ class GpuSpans:
 
     def summary(self, wall_s: float) -> str:
         torch.cuda.synchronize()
-        gpu = sum(a.elapsed_time(b) for a, b, _ in self.events) / 1000
-        reqs = [n for _, _, n in self.events]
+        spans = [a.elapsed_time(b) / 1000 for a, b, *_ in self.events]
+        gpu = sum(spans)
+        reqs = [e[2] for e in self.events]
+        kinds = []
+        for decode, kind in ((True, "decode-only"), (False, "with prompts")):
+            picked = [(span, e[3]) for span, e in zip(spans, self.events) if e[4] == decode]
+            if picked:
+                kinds.append(f"{len(picked)} {kind}: GPU {sum(p[0] for p in picked):.2f} s, "
+                             f"host in launch {sum(p[1] for p in picked):.2f} s")
         return (f"{len(reqs)} steps (median {int(np.median(reqs))} requests), wall {wall_s:.2f}"
                 f" s, GPU span of steps {gpu:.2f} s ({100 * gpu / wall_s:.0f}%), GPU idle between "
-                f"steps {wall_s - gpu:.2f} s, mean step {1000 * wall_s / len(reqs):.2f} ms")
+                f"steps {wall_s - gpu:.2f} s, mean step {1000 * wall_s / len(reqs):.2f} ms; "
+                + "; ".join(kinds))
 
 
 def throughput_row(config: str, workload: Workload, bw: float, target: str,

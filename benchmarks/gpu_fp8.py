@@ -20,9 +20,9 @@
 and fp8 weights, throughput only), profile-b1 (the fp8 8B batch-1 step under the profilers).
 ``--repeat N`` runs qwen-kv's and 8b-throughput's engines N times each, alternating the
 variants, and adds each variant's median (engines of one session differ by up to 30 %).
-8b-pairs builds the bf16 and fp8-weight engines once, side by side on the GPU, and runs N
-rounds (``--repeat``), each on a workload of its own seed, through both engines in turn (the
-first alternating): the pairs' ratios, free of the differences between fresh engines.
+8b-rounds runs the bf16 and fp8-weight engines each in a process of its own, alternating N
+times (``--repeat``); each process runs three 500-request workloads of their own seeds and
+keeps the last two (``separate_engines``).
 
 A short table comes last. Engine logs go to stderr at WARNING, the table to stdout.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import random
@@ -268,40 +269,48 @@ def llama_8b_throughput(bw: float, n: int, repeat: int) -> list[Row]:
                        {"bf16": {}, "fp8 weights": {"quantization": "fp8"}}, repeat, batch1=True)
 
 
-def resident_pairs(config: str, variants: dict[str, dict], n: int, rounds: int,
-                   kv_bytes: int = 24 << 30) -> list[Row]:
-    """Every variant's engine built once and kept (``kv_bytes`` of KV cache each), then
-    ``rounds`` rounds: a workload of the round's seed through each engine in turn, the order
-    reversed every other round. A row per run, each round's ratio to the first variant, and
-    the median ratio."""
-    llms = {name: make_llm(config, max_num_seqs=256, max_model_len=4096,
-                           kv_cache_memory_bytes=kv_bytes, **args)
-            for name, args in variants.items()}
-    names = list(llms)
-    for llm in llms.values():  # compiles and first launches
-        run_pagedllm(llm, sharegpt_like_workload(8, seed=99))
-    rows: list[Row] = []
-    ratios: list[float] = []
+def engine_rounds(config: str, args: dict, n: int, rounds: int) -> list[float]:
+    """One engine, then ``rounds`` workloads of their own seeds through it (no prefix shared
+    across rounds): each round's output tok/s, its GPU spans printed."""
+    llm = make_llm(config, max_num_seqs=256, max_model_len=4096, **args)
+    run_pagedllm(llm, sharegpt_like_workload(8, seed=99))  # compiles and first launches
+    tps = []
     for i in range(rounds):
-        workload = sharegpt_like_workload(n, seed=1000 + i)  # no prefix shared across rounds
-        tps = {}
-        for name in names if i % 2 == 0 else names[::-1]:
-            with GpuSpans(llms[name]) as spans:
-                result = run_pagedllm(llms[name], workload)
-            print(f"round {i + 1} {name}: {spans.summary(result.seconds)}", flush=True)
-            tps[name] = result.output_tokens_per_s
-        for name in names:
-            rows.append(Row(f"{config} {name}: round {i + 1}", tps[name], "tok/s"))
-        ratios.append(tps[names[1]] / tps[names[0]])
-        rows.append(Row(f"  round {i + 1}: {names[1]} / {names[0]}", ratios[-1], "x"))
-    rows.append(Row(f"{config}: median of {rounds} rounds, {names[1]} / {names[0]}",
-                    statistics.median(ratios), "x", target="above 1"))
-    for llm in llms.values():
-        release(llm)
+        with GpuSpans(llm) as spans:
+            result = run_pagedllm(llm, sharegpt_like_workload(n, seed=1000 + i))
+        print(f"{config} {args or 'bf16'} round {i + 1}: {result.output_tokens_per_s:,.0f} "
+              f"tok/s; {spans.summary(result.seconds)}", flush=True)
+        tps.append(result.output_tokens_per_s)
+    return tps
+
+
+def separate_engines(config: str, variants: dict[str, dict], n: int, repeat: int,
+                     rounds: int = 3) -> list[Row]:
+    """Each variant's engine in a process of its own (two engines in one process slowed one
+    of them round by round), the processes alternating ``repeat`` times; each runs ``rounds``
+    rounds (``engine_rounds``), the first dropped. A row per process (median of its kept
+    rounds), then each variant's median over all kept rounds and its ratio to the first."""
+    kept: dict[str, list[float]] = {name: [] for name in variants}
+    rows: list[Row] = []
+    for i in range(repeat):
+        for name, args in variants.items():
+            spec = json.dumps({"config": config, "args": args, "n": n, "rounds": rounds})
+            proc = subprocess.run([sys.executable, __file__, "--engine-rounds", spec],
+                                  capture_output=True, text=True, check=True)
+            print(proc.stdout, end="", flush=True)
+            tps = json.loads(proc.stdout.splitlines()[-1])[1:]
+            kept[name] += tps
+            rows.append(Row(f"{config} {name}: process {i + 1}, median of rounds 2-{rounds}",
+                            statistics.median(tps), "tok/s"))
+    first = next(iter(variants))
+    for name, values in kept.items():
+        ratio = statistics.median(values) / statistics.median(kept[first])
+        rows.append(Row(f"{config} {name}: median of {len(values)} rounds",
+                        statistics.median(values), "tok/s", target=f"{ratio:.2f}x {first}"))
     return rows
 
 
-SECTIONS = ("tests", "8b", "scaled-mm", "qwen-kv", "8b-throughput", "8b-pairs", "profile-b1")
+SECTIONS = ("tests", "8b", "scaled-mm", "qwen-kv", "8b-throughput", "8b-rounds", "profile-b1")
 
 
 def main() -> None:
@@ -310,9 +319,15 @@ def main() -> None:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--engine-rounds", help=argparse.SUPPRESS)  # separate_engines' child
     args = parser.parse_args()
+    if args.engine_rounds:
+        spec = json.loads(args.engine_rounds)
+        logging.basicConfig(level=logging.WARNING)
+        print(json.dumps(engine_rounds(spec["config"], spec["args"], spec["n"], spec["rounds"])))
+        return
     only = set(args.only or [s for s in SECTIONS
-                             if s not in ("8b-throughput", "8b-pairs", "profile-b1")])
+                             if s not in ("8b-throughput", "8b-rounds", "profile-b1")])
     if args.skip_tests:
         only.discard("tests")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -328,7 +343,7 @@ def main() -> None:
     sections = {"scaled-mm": lambda: [scaled_mm_decode_row(bw)],
                 "qwen-kv": lambda: qwen_kv(bw, n_nano, args.repeat),
                 "8b-throughput": lambda: llama_8b_throughput(bw, n_8b, args.repeat),
-                "8b-pairs": lambda: resident_pairs(
+                "8b-rounds": lambda: separate_engines(
                     "llama-3.1-8b", {"bf16": {}, "fp8 weights": {"quantization": "fp8"}}, n_8b,
                     args.repeat)}
     for name, section in sections.items():
