@@ -110,8 +110,9 @@ class GpuSpans:
     """Where a run's time goes: each step's launch is bracketed by CUDA events on the stream,
     so their sum is the GPU's span of the steps (kernels, and any gap the host leaves while
     it queues a step); wall time minus it is the GPU idle between steps. The host's time in
-    each launch is timed too, decode-only steps (replayed CUDA graphs) apart from steps with
-    prompt tokens (run eagerly): a GPU span no longer than the host's means the host bound it.
+    each launch is timed too, decode-only steps apart from steps with prompt tokens (CUDA
+    graphs up to 2,048 tokens, eager beyond): a GPU span no longer than the host's means the
+    host bound it.
     """
 
     def __init__(self, llm: LLM) -> None:

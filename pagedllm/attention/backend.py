@@ -49,6 +49,9 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     backend_data: Any = None  # whatever the chosen backend precomputes once per step
+    # A CUDA graph of a step with prompt tokens fills this static tile map ([tiles, 2] int32,
+    # padded with tiles of an empty request) instead of the backend building one per step.
+    tile_map: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:

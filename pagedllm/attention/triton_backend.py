@@ -5,6 +5,11 @@ the query tile height, whether each request fits one tile (then no tile map is n
 launch is CUDA-graph safe), the tile -> request map otherwise, and the split-KV factor. A plan
 depends on the layer's head geometry, which ``prepare`` does not know, so it is built by the
 first layer's ``forward`` and cached in ``metadata.backend_data`` for the step's other layers.
+
+A CUDA graph of a step with prompt tokens (``worker/cuda_graphs.py``) hands over its own static
+tile map (``metadata.tile_map``), filled on the host before each replay with
+``fill_tile_map`` for the tile height of ``graph_block_m``, and padded with tiles of an empty
+request: then the launch has one shape for every step of its token count.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import triton
 
@@ -40,6 +46,7 @@ class TritonStepData:
     max_query_len: int
     max_seq_len: int
     device: torch.device
+    graph_tile_map: torch.Tensor | None = None  # a CUDA graph's static map (see the top)
     plans: dict[tuple[int, int, torch.dtype], AttentionPlan] = field(default_factory=dict)
 
 
@@ -61,6 +68,38 @@ def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int) -> int:
     wanted = min(triton.cdiv(2 * num_sms, num_programs), max_seq_len // MIN_SPLIT_TOKENS,
                  MAX_SPLITS)
     return 1 if wanted < 2 else 1 << (wanted.bit_length() - 1)
+
+
+def graph_block_m(num_heads: int, num_kv_heads: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(rows, query tokens) per tile in a CUDA graph of a step with prompt tokens: the tallest
+    tile, whatever the step's longest chunk (the graph serves them all)."""
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    block_m = choose_block_m(1 << 30, group_pad,
+                             MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M)
+    return block_m, block_m // group_pad
+
+
+def graph_num_tiles(max_reqs: int, num_tokens: int, block_q: int) -> int:
+    """Tiles a graph of ``num_tokens`` tokens launches: enough for any step of at most that
+    many tokens over at most ``max_reqs`` requests (each request's last tile may be partial)."""
+    return max_reqs + triton.cdiv(num_tokens, block_q)
+
+
+def fill_tile_map(query_lens: np.ndarray, block_q: int, num_tiles: int,
+                  empty_req: int) -> np.ndarray:
+    """[num_tiles, 2] int32 on the host: each request's query rows cut into tiles of
+    ``block_q`` rows (as ``build_tile_map``), then tiles of request ``empty_req`` (which has no
+    query rows and no context, so its programs write nothing)."""
+    counts = -(-query_lens // block_q)
+    total = int(counts.sum())
+    if total > num_tiles:
+        raise ValueError(f"{total} tiles do not fit a graph of {num_tiles}")
+    tiles = np.zeros((num_tiles, 2), np.int32)
+    tiles[:, 0] = empty_req
+    tiles[:total, 0] = np.repeat(np.arange(len(query_lens)), counts)
+    firsts = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    tiles[:total, 1] = firsts * block_q
+    return tiles
 
 
 def build_tile_map(query_lens: list[int], block_q: int, device: torch.device) -> torch.Tensor:
@@ -90,11 +129,16 @@ class TritonAttentionBackend(AttentionBackend):
     def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
         metadata.backend_data = TritonStepData(
             query_lens=list(metadata.query_lens_cpu), max_query_len=metadata.max_query_len,
-            max_seq_len=metadata.max_seq_len, device=metadata.block_tables.device)
+            max_seq_len=metadata.max_seq_len, device=metadata.block_tables.device,
+            graph_tile_map=metadata.tile_map)
 
     def plan(self, data: TritonStepData, num_heads: int, num_kv_heads: int,
              dtype: torch.dtype) -> AttentionPlan:
         key = (num_heads, num_kv_heads, dtype)
+        if key not in data.plans and data.graph_tile_map is not None:
+            # The graph's map was cut for the model's geometry; one tile shape, no split.
+            block_m, _ = graph_block_m(num_heads, num_kv_heads, dtype)
+            data.plans[key] = AttentionPlan(block_m, 1, data.graph_tile_map)
         if key not in data.plans:
             group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
             max_rows = MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M

@@ -139,12 +139,14 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
                                  image_config.max_image_tokens()))
     graph_sizes = [] if device.type != "cuda" or config.device.enforce_eager else \
         memory.default_cuda_graph_sizes(config.scheduler.max_num_seqs)
+    mixed_sizes = memory.default_mixed_graph_sizes(sched.max_num_batched_tokens, tp.size) \
+        if graph_sizes else []
     rank_arch = arch.rank_view(tp.size)
     kv_bytes = config.cache.kv_cache_memory_bytes
     if kv_bytes is None:
         kv_bytes = memory.default_cpu_kv_cache_bytes() if device.type == "cpu" else \
-            _profile_gpu_kv_cache_bytes(runner, config, rank_arch, dtype, weights, graph_sizes,
-                                        image_config)
+            _profile_gpu_kv_cache_bytes(runner, config, rank_arch, dtype, weights,
+                                        graph_sizes + mixed_sizes, image_config)
     plan = KVCachePlan.from_budget(rank_arch, kv_dtype, config.cache.block_size,
                                    config.model.max_model_len, kv_bytes)
     # every rank holds the same blocks: as many as the smallest has room for
@@ -156,7 +158,8 @@ def build_runner(kwargs: dict[str, Any]) -> tuple[ModelRunner, tuple[EngineConfi
         memory.log_kv_cache_plan(plan, logger, device.type, tp.size)
     runner.allocate_kv_cache(plan.num_blocks)
     if graph_sizes:
-        runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len)
+        runner.capture_cuda_graphs(graph_sizes, config.model.max_model_len, mixed_sizes,
+                                   sched.max_num_seqs)
     if cpu_graph.should_compile(device, config.model.quantization, config.device.compile_cpu):
         cpu_graph.compile_cpu_model(runner)
     return runner, (config, plan)

@@ -155,10 +155,11 @@ def _weight_format(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, An
 
 
 def _memory(arch: ModelArch, s: _Settings, weights: int, total: int, free: int | None,
-            warnings: list[str], errors: list[str]) -> dict[str, Any]:
+            tp: int, warnings: list[str], errors: list[str]) -> dict[str, Any]:
     """The budget: weights, activation peak and CUDA graphs, and what is left for KV."""
     phases = mem.activation_phases(arch, s.max_num_batched_tokens, s.max_num_seqs, s.dtype)
     sizes = mem.default_cuda_graph_sizes(s.max_num_seqs) if s.cuda_graphs else []
+    sizes += mem.default_mixed_graph_sizes(s.max_num_batched_tokens, tp) if sizes else []
     graphs = mem.cuda_graph_reserve_estimate(arch, s.dtype, sizes)
     util = s.gpu_memory_utilization
     m: dict[str, Any] = {
@@ -218,7 +219,7 @@ def build_plan(arch: ModelArch, config: dict[str, Any], kwargs: dict[str, Any],
                              for m in ("int8", "int4")})
     weight_format = _weight_format(arch, config, kwargs, s.dtype, errors)
     arch = arch.rank_view(tp)
-    memory = _memory(arch, s, weight_bytes[weight_format], total, free, warnings, errors)
+    memory = _memory(arch, s, weight_bytes[weight_format], total, free, tp, warnings, errors)
     plan = mem.KVCachePlan.from_budget(arch, s.kv_cache_dtype, s.block_size, s.max_model_len,
                                        memory["kv_budget_bytes"], s.max_num_batched_tokens)
     try:

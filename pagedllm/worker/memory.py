@@ -257,11 +257,26 @@ def default_cuda_graph_sizes(max_num_seqs: int, limit: int = 512) -> list[int]:
     return sorted({s for s in (1, 2, 4) if s <= top} | set(range(8, top + 1, 8)) | {top})
 
 
+def default_mixed_graph_sizes(max_num_batched_tokens: int, tensor_parallel_size: int,
+                              limit: int = 2048) -> list[int]:
+    """Token counts to capture for steps with prompt tokens (``worker/cuda_graphs.py``): every
+    64 up to 1,024, then every 128, up to ``limit`` or the step budget, which is one too (a
+    step is padded to the next: at most 12 % more rows from 512 tokens on). Larger steps are
+    bound by their kernels, not by launching them, and run eagerly. None with tensor
+    parallelism (its all-reduces in these graphs are not tested yet)."""
+    if tensor_parallel_size > 1:
+        return []
+    top = min(limit, max_num_batched_tokens)
+    grid = [s for s in [*range(64, 1025, 64), *range(1152, limit + 1, 128)] if s < top]
+    return [*grid, top]
+
+
 def cuda_graph_reserve_estimate(arch: ModelArch, dtype: str | torch.dtype,
                                 capture_sizes: Sequence[int]) -> int:
-    """Memory kept by captured decode graphs. Graphs captured largest first share one pool, so
-    it holds the activations of the largest size (no sampler: it runs outside the graph), plus
-    ``CUDA_GRAPH_BYTES_PER_SIZE`` for each captured size."""
+    """Memory kept by captured graphs (``capture_sizes``: their token counts, decode and
+    mixed). Graphs captured largest first share one pool, so it holds the activations of the
+    largest size (no sampler: it runs outside the graph), plus ``CUDA_GRAPH_BYTES_PER_SIZE``
+    for each captured size."""
     if not capture_sizes:
         return 0
     phases = activation_phases(arch, max(capture_sizes), 1, dtype)

@@ -173,8 +173,11 @@ class ModelRunner:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    def capture_cuda_graphs(self, sizes: list[int], max_model_len: int) -> None:
-        self.graphs = CUDAGraphRunner(self, sizes, max_model_len)
+    def capture_cuda_graphs(self, sizes: list[int], max_model_len: int,
+                            mixed_sizes: list[int] | None = None, max_reqs: int = 0) -> None:
+        """Decode graphs for ``sizes`` requests; graphs of steps with prompt tokens for
+        ``mixed_sizes`` tokens over up to ``max_reqs`` requests (``cuda_graphs.py``)."""
+        self.graphs = CUDAGraphRunner(self, sizes, max_model_len, mixed_sizes, max_reqs)
         self.graphs.capture()
 
     def free_request(self, request_id: str) -> None:

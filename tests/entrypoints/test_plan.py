@@ -34,14 +34,15 @@ def test_llama_8b_on_80_gib(capsys: pytest.CaptureFixture) -> None:
     # 2048-token step + 256 sampled rows: the sampler dominates (hidden + 256 x 128256 x 40)
     assert m["activation_bytes"] == 2 * 2048 * 4096 + 256 * 128256 * 40 == 1_330_118_656
     assert m["activation_peak_phase"] == "logits"
-    # 35 decode graphs (1, 2, 4, 8..256): the 256-token MLP peak + 2 MiB each
-    assert m["cuda_graph_bytes"] == 2 * 256 * (3 * 4096 + 4 * 14336) + 35 * 2 * 1024 * 1024
-    left = int(0.9 * 80 * GiB) - 16_060_522_496 - 1_330_118_656 - 109_051_904
+    # 35 decode graphs (1, 2, 4, 8..256) and 24 of steps with prompt tokens (64..1024 by 64,
+    # 1152..2048 by 128): the 2048-token MLP peak + 2 MiB each
+    assert m["cuda_graph_bytes"] == 2 * 2048 * (3 * 4096 + 4 * 14336) + 59 * 2 * 1024 * 1024
+    left = int(0.9 * 80 * GiB) - 16_060_522_496 - 1_330_118_656 - 408_944_640
     kv = r["kv_cache"]
-    assert kv["blocks"] == left // (2 * 1024 * 1024) == 28_519
-    assert kv["tokens"] == 28_519 * 16 == 456_304
-    assert kv["bytes"] == 28_519 * 2 * 1024 * 1024
-    assert kv["max_model_len"] == 131_072 and kv["max_concurrency"] == 3.48
+    assert kv["blocks"] == left // (2 * 1024 * 1024) == 28_376
+    assert kv["tokens"] == 28_376 * 16 == 454_016
+    assert kv["bytes"] == 28_376 * 2 * 1024 * 1024
+    assert kv["max_model_len"] == 131_072 and kv["max_concurrency"] == 3.46
     rows = {c["tokens_per_request"]: c for c in r["concurrency"]}
     assert list(rows) == [1024, 4096, 8192, 16384, 32768, 65536, 131072]
     assert rows[1024]["running_at_once"] == 256  # capped by max_num_seqs

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +31,9 @@ from pagedllm.attention.triton_backend import (  # noqa: E402
     build_tile_map,
     choose_block_m,
     choose_num_splits,
+    fill_tile_map,
+    graph_block_m,
+    graph_num_tiles,
 )
 from pagedllm.kernels.paged_attention import paged_attention_triton  # noqa: E402
 
@@ -170,6 +174,51 @@ def test_backend_writes_and_attends(num_splits: int | None, dtype: torch.dtype) 
     block_q = plan.block_m // 4
     assert plan.tile_map is not None
     assert plan.tile_map.shape[0] == sum(math.ceil(q / block_q) for q, _ in reqs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_tile_map_padded_with_an_empty_request(dtype: torch.dtype) -> None:
+    """A CUDA graph of a step with prompt tokens (worker/cuda_graphs.py) hands the backend its
+    static inputs: requests past the step's have no rows and no context, the tile map is padded
+    with tiles of one of them, and the tokens past the step's have no slot. The real rows equal
+    the reference, whatever the padding."""
+    reqs = [(40, 50), (1, 20), (3, 9)]
+    step = make_step(reqs, block_size=16, group=4, head_dim=64, dtype=dtype, pad_tokens=5, seed=3)
+    expected_cache, expected = reference(step, 0.125)
+    md, max_reqs, real = step.metadata, 6, step.num_real_tokens
+    _, block_q = graph_block_m(4 * NUM_KV_HEADS, NUM_KV_HEADS, dtype)
+    num_tiles = graph_num_tiles(max_reqs, md.num_tokens, block_q)
+    tiles = fill_tile_map(np.array(md.query_lens_cpu), block_q, num_tiles, max_reqs)
+    starts = torch.full((max_reqs + 2,), real, dtype=torch.int32, device=DEVICE)
+    starts[:len(reqs) + 1] = md.query_start_loc
+    seq_lens = torch.zeros(max_reqs + 1, dtype=torch.int32, device=DEVICE)
+    seq_lens[:len(reqs)] = md.seq_lens
+    tables = torch.zeros(max_reqs + 1, md.block_tables.shape[1], dtype=torch.int32,
+                         device=DEVICE)
+    tables[:len(reqs)] = md.block_tables
+    graph_md = AttentionMetadata(
+        num_tokens=md.num_tokens, slot_mapping=md.slot_mapping, query_start_loc=starts,
+        seq_lens=seq_lens, block_tables=tables, max_query_len=md.num_tokens, max_seq_len=4096,
+        query_lens_cpu=[0] * (max_reqs + 1), seq_lens_cpu=[0] * (max_reqs + 1),
+        tile_map=torch.from_numpy(tiles).to(DEVICE))
+    backend = TritonAttentionBackend()
+    backend.prepare(graph_md, block_size=16)
+    cache = step.kv_cache
+    out = backend.forward(step.q, step.k, step.v, cache, graph_md, 0.125)
+    assert_matches(out[:real], expected)
+    torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0, equal_nan=True)
+    plan = backend.plan(graph_md.backend_data, 4 * NUM_KV_HEADS, NUM_KV_HEADS, dtype)
+    assert plan.num_splits == 1 and plan.tile_map is graph_md.tile_map
+
+
+def test_fill_tile_map_is_build_tile_map_then_padding() -> None:
+    lens = [40, 1, 0, 3, 17]
+    tiles = fill_tile_map(np.array(lens), 8, graph_num_tiles(5, sum(lens), 8), empty_req=5)
+    built = build_tile_map(lens, 8, torch.device("cpu")).numpy()
+    assert (tiles[:len(built)] == built).all()
+    assert (tiles[len(built):] == [5, 0]).all() and len(tiles) == 5 + 8
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_tile_map(np.array(lens), 8, len(built) - 1, empty_req=5)
 
 
 def test_decode_plan_is_graph_safe() -> None:

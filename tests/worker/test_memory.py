@@ -125,6 +125,15 @@ def test_cuda_graph_sizes_and_reserve() -> None:
         2 * 256 * (3 * 4096 + 4 * 14336) + 35 * (2 << 20))
 
 
+def test_mixed_graph_sizes() -> None:
+    sizes = mem.default_mixed_graph_sizes(2048, 1)
+    assert sizes[:3] == [64, 128, 192] and sizes[15:17] == [1024, 1152] and sizes[-1] == 2048
+    assert len(sizes) == 24
+    assert mem.default_mixed_graph_sizes(8192, 1)[-1] == 2048  # larger steps run eagerly
+    assert mem.default_mixed_graph_sizes(500, 1)[-2:] == [448, 500]  # up to the step budget
+    assert mem.default_mixed_graph_sizes(2048, 2) == []  # not with tensor parallelism yet
+
+
 def test_plan_kv_cache_exact() -> None:
     a = arch("llama-3.1-8b")  # 2 MiB per 16-token block in bf16
     plan = mem.plan_kv_cache(a, torch.bfloat16, 16, 8192, GiB + 12345)
