@@ -93,14 +93,15 @@ class GemmaRMSNorm(RMSNorm):
         super().__init__(hidden_size, eps)
         nn.init.zeros_(self.weight)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, x: torch.Tensor, residual: torch.Tensor | None, fp8: bool,
+                 ) -> torch.Tensor | Fp8Rows | tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
         if not dispatch.use_triton(x):
-            return super().forward(x, residual)
+            return super()._forward(x, residual, fp8)
         out = self._triton(x, residual, 1.0 + self.weight.float())  # float32 output
-        if residual is None:
-            return out.to(x.dtype)
-        return out[0].to(x.dtype), out[1]
+        normed = (out if residual is None else out[0]).to(x.dtype)
+        if fp8:  # no FP8 epilogue for the float32 scale: quantized after the kernel
+            normed = fp8_rows(normed)
+        return normed if residual is None else (normed, out[1])
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return (self._normalized(x) * (1.0 + self.weight.float())).to(x.dtype)

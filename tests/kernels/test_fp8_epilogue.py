@@ -23,9 +23,9 @@ from pagedllm.kernels.fp8_quant import quantize_rows_triton  # noqa: E402
 from pagedllm.kernels.rms_norm import add_rms_norm_triton, rms_norm_triton  # noqa: E402
 from pagedllm.layers import dispatch  # noqa: E402
 from pagedllm.layers.linear import LinearBase  # noqa: E402
-from pagedllm.layers.norm import RMSNorm  # noqa: E402
+from pagedllm.layers.norm import GemmaRMSNorm, RMSNorm  # noqa: E402
 from pagedllm.layers.quantization import quantize_model  # noqa: E402
-from pagedllm.layers.quantization.fp8 import Fp8LinearMethod, Fp8Rows  # noqa: E402
+from pagedllm.layers.quantization.fp8 import Fp8LinearMethod, Fp8Rows, fp8_rows  # noqa: E402
 from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
 from pagedllm.models.arch import ModelArch  # noqa: E402
 from pagedllm.models.llama import DecoderLayer  # noqa: E402
@@ -136,3 +136,19 @@ def test_decoder_layer_fused_quantization_changes_nothing(kernels: bool,
             outs.append(layer(x, cos_sin, residual))
     assert quantized == ["RMSNorm", "RMSNorm", "SiluAndMul"]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_gemma_norm_quantizes_its_own_output(kernels: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma's norm (a float32 1 + weight scale) has no FP8 epilogue: ``quantized`` quantizes
+    what ``forward`` gives, on either path."""
+    monkeypatch.setattr(dispatch, "use_triton", lambda x: kernels)
+    norm = GemmaRMSNorm(64).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, residual = (randn(5, 64, dtype=torch.bfloat16, seed=s) for s in (1, 2))
+    rows, stream = norm.quantized(x, residual)
+    plain, plain_stream = norm(x, residual)
+    assert torch.equal(stream, plain_stream)
+    assert torch.equal(rows.values.view(torch.uint8), fp8_rows(plain).values.view(torch.uint8))
