@@ -4,11 +4,11 @@ One program per row: it finds the row's absolute maximum, the scale is
 ``max(amax / 448, min_scale)``, and it stores ``fp8(clamp(x * (1 / scale)))``, the
 arithmetic of ``layers.quantization.fp8.quantize_rows_ref`` (the reciprocal rounded to fp32 once,
 then one IEEE product per element, so the stored bytes equal the reference's). Used for the
-activations of ``--quantization fp8`` (one row per token) and to quantize weights at load (one
-row per output channel). A row of up to ``ONE_PASS_COLS`` values is read once and kept in
-registers (a model's activations: one launch per linear layer, 29k launches in an 8B serving
-run, so its latency counts); a longer one is read twice, in blocks. The grid depends only on the
-row count: capturable in a CUDA graph.
+activations of ``--quantization fp8`` that no kernel before the product quantized (o_proj's
+input; the RMSNorm and SiLU-and-mul kernels quantize in their epilogues with the same
+``quantize_block``) and to quantize weights at load (one row per output channel). A row of up to
+``ONE_PASS_COLS`` values is read once and kept in registers; a longer one is read twice, in
+blocks. The grid depends only on the row count: capturable in a CUDA graph.
 """
 
 from __future__ import annotations
