@@ -300,13 +300,19 @@ class TorchAttentionBackend(AttentionBackend):
         fp8 = kv_cache.dtype == FP8_DTYPE
         if fp8:  # attend over the stored values upcast (exact); k_scale joins the score scale
             scale *= k_scale
+        out = self._attend_step(q, kv_cache, data, scale, sliding_window, softcap)
+        return out * v_scale if fp8 and v_scale != 1.0 else out
+
+    @staticmethod
+    def _attend_step(q: torch.Tensor, kv_cache: torch.Tensor, data: _TorchStepData,
+                     scale: float, sliding_window: int, softcap: float) -> torch.Tensor:
+        """The step's attention over the stored (upcast) values, before any V scale."""
         two, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
         # One row per block: index_select of 2-D rows is several times faster than of 4-D.
         rows = kv_cache.view(two, num_blocks, block_size * kv_heads * head_dim)
         if data.single is not None:
             kd, vd = data.single.read(rows, sliding_window, kv_heads, head_dim)
-            out = _attend_one(q[0], kd, vd, scale, softcap)[None]
-            return out * v_scale if fp8 and v_scale != 1.0 else out
+            return _attend_one(q[0], kd, vd, scale, softcap)[None]
         out = torch.empty_like(q)
         for g in data.decodes:
             if g.k_buf is None:
@@ -326,4 +332,4 @@ class TorchAttentionBackend(AttentionBackend):
                                          vc[None].to(q.dtype),
                                          None if mask is None else mask[None, None], scale,
                                          softcap)[0]
-        return out * v_scale if fp8 and v_scale != 1.0 else out
+        return out

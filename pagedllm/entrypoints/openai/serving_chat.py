@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pagedllm.engine.async_llm import AsyncLLM, OutputStream
+from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.engine.inputs import ProcessedPrompt
 from pagedllm.entrypoints.chat_utils import message_text, render_chat
@@ -35,7 +35,7 @@ from pagedllm.entrypoints.openai.protocol_chat import (
 from pagedllm.entrypoints.openai.reasoning_parsers import ReasoningParser, get_reasoning_parser
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
 from pagedllm.entrypoints.openai.serving_beam import BeamStream, check_beam_request
-from pagedllm.entrypoints.openai.streaming import respond
+from pagedllm.entrypoints.openai.streaming import Outputs, respond
 from pagedllm.entrypoints.openai.tool_calls import ToolChoice
 from pagedllm.entrypoints.openai.tool_parsers import ToolParser, get_tool_parser
 from pagedllm.outputs import CompletionOutput, RequestOutput
@@ -76,7 +76,7 @@ class OpenAIServingChat(OpenAIServing):
                            tools.constrained or request.structured_params() is not None)
         prompt = self._truncate(request, await self.render(request))
         request_id = random_id("chatcmpl")
-        stream: OutputStream | BeamStream
+        stream: Outputs
         if request.use_beam_search:
             # vLLM streams beam search here (unlike completions): each choice's whole text
             # comes in one chunk once the search ends.
@@ -87,7 +87,7 @@ class OpenAIServingChat(OpenAIServing):
             params = self._params(request, prompt.token_ids, tools)
             stream = await self.add(request_id, [prompt], [params], request.priority)
         job = _ChatJob(self, request, request_id, model, prompt.token_ids, tools)
-        return await respond(raw, job, stream, bool(request.stream))  # type: ignore[arg-type]
+        return await respond(raw, job, stream, bool(request.stream))
 
     def choice_output(self, request: ChatCompletionRequest, tools: ToolChoice) -> ChoiceOutput:
         """A fresh reader of one choice's text (parsers keep per-choice state)."""
@@ -196,7 +196,7 @@ class _ChatJob:
                                     self.request.top_logprobs or 0,
                                     self.request.return_tokens_as_token_ids)
 
-    async def response(self, stream: OutputStream) -> ChatCompletionResponse:
+    async def response(self, stream: Outputs) -> ChatCompletionResponse:
         final: RequestOutput | None = None
         async for out in stream:
             final = out
@@ -219,7 +219,7 @@ class _ChatJob:
             usage=usage, prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=self.s.prompt_logprobs(final, self.request.prompt_logprobs))
 
-    async def chunks(self, stream: OutputStream) -> AsyncIterator[ChatCompletionChunk]:
+    async def chunks(self, stream: Outputs) -> AsyncIterator[ChatCompletionChunk]:
         for index in range(self.request.n):
             first = self._chunk([ChatStreamChoice(
                 index=index, delta=DeltaMessage(role="assistant", content=""))])

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from pagedllm.engine.async_llm import OutputStream
 from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.logprobs import CompletionLogprobs
 from pagedllm.entrypoints.openai.protocol import UsageInfo, now, random_id
@@ -25,7 +24,7 @@ from pagedllm.entrypoints.openai.protocol_completion import (
 )
 from pagedllm.entrypoints.openai.serving_base import OpenAIServing
 from pagedllm.entrypoints.openai.serving_beam import BeamStream, check_beam_request
-from pagedllm.entrypoints.openai.streaming import respond
+from pagedllm.entrypoints.openai.streaming import Outputs, respond
 from pagedllm.outputs import CompletionOutput, RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
@@ -45,7 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
         keep = request.truncate_prompt_tokens
         token_lists = [self.truncate(ids, keep) for ids in token_lists]
         request_id = random_id("cmpl")
-        stream: OutputStream | BeamStream
+        stream: Outputs
         if request.use_beam_search:
             stream = BeamStream(self.engine, request_id, token_lists,
                                 [self.beam_search_params(request, ids, request.max_tokens,
@@ -57,7 +56,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # echo gives a truncated prompt's text from its tokens
         texts = [p if isinstance(p, str) and keep is None else None for p in prompts]
         job = _Job(self, request, request_id, model, texts)
-        return await respond(raw, job, stream, bool(request.stream))  # type: ignore[arg-type]
+        return await respond(raw, job, stream, bool(request.stream))
 
     def _check(self, request: CompletionRequest) -> None:
         if request.use_beam_search and request.stream:  # vLLM's refusal, checked first as there
@@ -125,7 +124,7 @@ class _Job:
         return {"prompt_token_ids": list(out.prompt_token_ids) if with_prompt else None,
                 "token_ids": list(sample.token_ids)}
 
-    async def response(self, stream: OutputStream) -> CompletionResponse:
+    async def response(self, stream: Outputs) -> CompletionResponse:
         finals: dict[int, RequestOutput] = {}
         async for out in stream:
             finals[self.s.prompt_index(out)] = out
@@ -146,7 +145,7 @@ class _Job:
                                   choices=choices,
                                   usage=UsageInfo.of(prompt_tokens, completion_tokens))
 
-    async def chunks(self, stream: OutputStream) -> AsyncIterator[CompletionStreamResponse]:
+    async def chunks(self, stream: Outputs) -> AsyncIterator[CompletionStreamResponse]:
         n = self.request.n
         started: set[int] = set()
         offsets: dict[int, int] = defaultdict(int)  # text_offset of each choice's next token

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from pagedllm.engine.async_llm import OutputStream
 from pagedllm.entrypoints.openai.errors import to_api_error
+from pagedllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +94,24 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+class Outputs(Protocol):
+    """A request's outputs as they come (``AsyncLLM``'s ``OutputStream``, or a beam search's
+    ``BeamStream``); ``close()`` aborts what is not finished."""
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]: ...
+
+    def close(self) -> None: ...
+
+
 class ResponseJob(Protocol):
-    """One request's answer, as SSE chunks or as one body, from its output stream."""
+    """One request's answer, as SSE chunks or as one body, from its outputs."""
 
-    def chunks(self, stream: OutputStream) -> AsyncIterator[BaseModel]: ...
+    def chunks(self, stream: Outputs) -> AsyncIterator[BaseModel]: ...
 
-    async def response(self, stream: OutputStream) -> BaseModel: ...
+    async def response(self, stream: Outputs) -> BaseModel: ...
 
 
-async def respond(raw: Request, job: ResponseJob, stream: OutputStream,
+async def respond(raw: Request, job: ResponseJob, stream: Outputs,
                   streaming: bool) -> Response:
     """Streams the job's chunks, or waits for its whole response (aborting if the client
     goes away); either way the output stream is closed at the end."""
