@@ -24,6 +24,7 @@ import triton
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
 from pagedllm.kernels.kv_cache_write import write_kv_triton
 from pagedllm.kernels.paged_attention import paged_attention_triton
+from pagedllm.worker.device_copy import to_device
 
 MAX_BLOCK_M = 128  # query rows (tokens x group heads) per program
 # fp32 inputs take the exact (FMA, not tensor-core) dot, whose operands spill registers beyond
@@ -70,12 +71,17 @@ def choose_num_splits(num_programs: int, max_seq_len: int, num_sms: int) -> int:
     return 1 if wanted < 2 else 1 << (wanted.bit_length() - 1)
 
 
+def tile_limits(num_heads: int, num_kv_heads: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(the GQA group padded to a power of two, the most rows a tile of ``dtype`` holds)."""
+    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    return group_pad, MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M
+
+
 def graph_block_m(num_heads: int, num_kv_heads: int, dtype: torch.dtype) -> tuple[int, int]:
     """(rows, query tokens) per tile in a CUDA graph of a step with prompt tokens: the tallest
     tile, whatever the step's longest chunk (the graph serves them all)."""
-    group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-    block_m = choose_block_m(1 << 30, group_pad,
-                             MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M)
+    group_pad, max_rows = tile_limits(num_heads, num_kv_heads, dtype)
+    block_m = choose_block_m(1 << 30, group_pad, max_rows)
     return block_m, block_m // group_pad
 
 
@@ -85,13 +91,14 @@ def graph_num_tiles(max_reqs: int, num_tokens: int, block_q: int) -> int:
     return max_reqs + triton.cdiv(num_tokens, block_q)
 
 
-def fill_tile_map(query_lens: np.ndarray, block_q: int, num_tiles: int,
-                  empty_req: int) -> np.ndarray:
-    """[num_tiles, 2] int32 on the host: each request's query rows cut into tiles of
-    ``block_q`` rows (as ``build_tile_map``), then tiles of request ``empty_req`` (which has no
-    query rows and no context, so its programs write nothing)."""
+def fill_tile_map(query_lens: np.ndarray, block_q: int, num_tiles: int | None = None,
+                  empty_req: int = 0) -> np.ndarray:
+    """[num_tiles, 2] int32 on the host, (request, first query row): each request's query rows
+    cut into tiles of ``block_q`` rows, then up to ``num_tiles`` (None: none) tiles of request
+    ``empty_req`` (which has no query rows and no context, so its programs write nothing)."""
     counts = -(-query_lens // block_q)
     total = int(counts.sum())
+    num_tiles = total if num_tiles is None else num_tiles
     if total > num_tiles:
         raise ValueError(f"{total} tiles do not fit a graph of {num_tiles}")
     tiles = np.zeros((num_tiles, 2), np.int32)
@@ -103,12 +110,9 @@ def fill_tile_map(query_lens: np.ndarray, block_q: int, num_tiles: int,
 
 
 def build_tile_map(query_lens: list[int], block_q: int, device: torch.device) -> torch.Tensor:
-    """[num_tiles, 2] int32: each request's query rows cut into tiles of ``block_q`` rows."""
-    tiles = [(r, first) for r, n in enumerate(query_lens) for first in range(0, n, block_q)]
-    host = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 2)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+    """[num_tiles, 2] int32 on ``device``: each request's query rows cut into tiles of
+    ``block_q`` rows (``fill_tile_map`` without padding)."""
+    return to_device(fill_tile_map(np.asarray(query_lens, np.int64), block_q), device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -140,8 +144,7 @@ class TritonAttentionBackend(AttentionBackend):
             block_m, _ = graph_block_m(num_heads, num_kv_heads, dtype)
             data.plans[key] = AttentionPlan(block_m, 1, data.graph_tile_map)
         if key not in data.plans:
-            group_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-            max_rows = MAX_BLOCK_M_FP32 if dtype == torch.float32 else MAX_BLOCK_M
+            group_pad, max_rows = tile_limits(num_heads, num_kv_heads, dtype)
             block_m = choose_block_m(data.max_query_len, group_pad, max_rows)
             block_q = block_m // group_pad
             one_tile = data.max_query_len <= block_q

@@ -63,7 +63,8 @@ class _StaticInputs:
 
     def load(self, input_ids: torch.Tensor, positions: torch.Tensor,
              metadata: AttentionMetadata, size: int) -> None:
-        """The step's real rows, then padding: no KV slot for tokens past the step's."""
+        """The step's real rows, then padding: no KV slot for tokens past the step's, no
+        context for requests past its."""
         n = metadata.num_tokens
         self.input_ids[:n].copy_(input_ids)
         self.positions[..., :n].copy_(positions)
@@ -71,6 +72,7 @@ class _StaticInputs:
         self.slot_mapping[n:size].fill_(-1)
         reqs, width = metadata.num_reqs, metadata.block_tables.shape[1]
         self.seq_lens[:reqs].copy_(metadata.seq_lens)
+        self.seq_lens[reqs:].zero_()  # padding requests: no context
         self.block_tables[:reqs, :width].copy_(metadata.block_tables)
 
 
@@ -162,7 +164,6 @@ class CUDAGraphRunner:
             n = metadata.num_reqs
             size = next(s for s in self.sizes if s >= n)
             self.decode.load(input_ids, positions, metadata, size)
-            self.decode.seq_lens[n:size].zero_()
             key = ("decode", size)
         else:
             size = next(s for s in self.mixed_sizes if s >= metadata.num_tokens)
@@ -179,7 +180,6 @@ class CUDAGraphRunner:
         m.load(input_ids, positions, metadata, size)
         m.query_start_loc[:reqs + 1].copy_(metadata.query_start_loc)
         m.query_start_loc[reqs + 1:].fill_(metadata.num_tokens)  # later requests: no rows
-        m.seq_lens[reqs:].zero_()
-        tiles = fill_tile_map(np.asarray(metadata.query_lens_cpu), self.block_q,
+        tiles = fill_tile_map(np.asarray(metadata.query_lens_cpu, np.int64), self.block_q,
                               self.num_tiles[size], self.max_reqs)
         self.tile_map[:len(tiles)].copy_(to_device(tiles, self.runner.device))
